@@ -1,0 +1,190 @@
+"""The KL autoencoder (`ldm.models.autoencoder.AutoencoderKL`), inference only.
+
+Module names mirror the official `first_stage_model.*` keys, so a checkpoint's VAE weights load with
+`strict=True` once that prefix is stripped. Images are in [-1, 1]; `decode` takes UNSCALED latents
+(the diffusion model's latents divided by its `scale_factor`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import VAEConfig
+from models.layers import GroupNorm32, attention
+
+
+def Normalize(channels: int) -> GroupNorm32:
+    return GroupNorm32(32, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w pixels, with 1x1 convolutions as projections."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (m(y).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, hw, C)
+        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The original pads right/bottom only; symmetric padding would shift the latent grid by a pixel.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
+    level = nn.Module()
+    level.block, level.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
+    return level
+
+
+def _mid(channels: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1 = ResnetBlock(channels, channels), AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels)
+    return mid
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return h
+
+
+def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return mid.block_2(mid.attn_1(mid.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        res, c_in = cfg.resolution, cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            c_out = cfg.ch * mult
+            # Attention placement follows the config's nominal resolution, not the input's size.
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)]
+            attns = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            level, c_in = _level(blocks, attns), c_out
+            if i != len(cfg.ch_mult) - 1:
+                level.downsample, res = Downsample(c_out), res // 2
+            self.down.append(level)
+        self.mid = _mid(c_in)
+        self.norm_out = Normalize(c_in)
+        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = _run_level(level, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = _run_mid(self.mid, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        c_in = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.resolution // cfg.downsampling_factor
+        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
+        self.mid = _mid(c_in)
+        levels = []
+        for i in reversed(range(len(cfg.ch_mult))):  # built lowest resolution first; `up.0` is the highest
+            c_out = cfg.ch * cfg.ch_mult[i]
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)]
+            attns = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            level, c_in = _level(blocks, attns), c_out
+            if i != 0:
+                level.upsample, res = Upsample(c_out), res * 2
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(c_in)
+        self.conv_out = nn.Conv2d(c_in, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = _run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            h = _run_level(level, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussian:
+    """The posterior q(z | image): a Gaussian with diagonal covariance."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        # Drawn on the CPU in float32 so one seed gives the same latent on every device and dtype.
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32)
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))

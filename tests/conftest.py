@@ -1,0 +1,51 @@
+"""Shared paths and loaders for the reference material in ../shared (read-only, never downloaded)."""
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+SHARED = Path(os.environ.get("LDM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+REFERENCE = SHARED / "reference"
+LAYOUTS = REFERENCE / "layouts"
+FIXTURES = {name: REFERENCE / "fixtures" / name for name in ("sd1_tiny", "sd2_tiny", "sd2v_tiny")}
+# layout file stem -> the family our presets call it (512-base and 768-v share one layout)
+LAYOUT_FAMILY = {"sd1": "sd1", "sd15_inpaint": "sd1_inpaint", "sd2_base": "sd2", "sd2_768_v": "sd2",
+                 "sd2_inpaint": "sd2_inpaint", "sd2_depth": "sd2_depth", "x4_upscaler": "x4_upscaler"}
+
+if not REFERENCE.is_dir():
+    raise pytest.UsageError(f"reference data not found at {REFERENCE}; set LDM_SHARED to the shared/ folder")
+
+
+@lru_cache(maxsize=None)
+def layout(stem: str) -> dict:
+    return json.loads((LAYOUTS / f"{stem}.json").read_text())
+
+
+def layout_shapes(stem: str, prefix: str) -> dict:
+    """{key without prefix: shape} for one component of an official layout."""
+    return {k[len(prefix):]: tuple(v[0]) for k, v in layout(stem)["keys"].items() if k.startswith(prefix)}
+
+
+def fixture_config(name: str):
+    from models.config import from_yaml
+    return from_yaml(FIXTURES[name] / f"{name}.yaml")
+
+
+@lru_cache(maxsize=None)
+def _fixture_state(name: str) -> dict:
+    return load_file(FIXTURES[name] / f"{name}.safetensors")
+
+
+def load_fixture_part(name: str, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in _fixture_state(name).items() if k.startswith(prefix)}
+
+
+def fixture_tensors(name: str, stem: str) -> dict:
+    return load_file(FIXTURES[name] / f"{stem}.safetensors")
+
+
+def fixture_meta(name: str, stem: str) -> dict:
+    return json.loads((FIXTURES[name] / f"{stem}.json").read_text())
