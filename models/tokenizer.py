@@ -1,0 +1,54 @@
+"""Prompt -> token ids, with the CLIP BPE that open_clip ships (the same vocabulary for SD 1.x and 2.x).
+
+The two families differ only in the padding id: SD 1.x (HF CLIPTokenizer) pads with <|endoftext|>
+49407, SD 2.x (open_clip.tokenize) with 0. The encoders are causal, so the padding never changes
+the embeddings of the prompt's own tokens, but it does change the padded positions the UNet sees.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+START, END = 49406, 49407
+
+_bpe = None
+
+
+def _simple_tokenizer():
+    # Reading the 49k merges takes a noticeable fraction of a second: build once per process.
+    global _bpe
+    if _bpe is None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        _bpe = SimpleTokenizer()
+    return _bpe
+
+
+class Tokenizer:
+    """`Tokenizer(pad_token)(prompts) -> LongTensor[B, context_length]`:
+    [<start>, bpe ids..., <end>, pad...], text cleaned and lower-cased as open_clip does; a long prompt
+    is cut to `context_length` with <end> kept last."""
+
+    def __init__(self, pad_token: int, context_length: int = 77):
+        self.pad_token = pad_token
+        self.context_length = context_length
+
+    def encode(self, prompt: str) -> list[int]:
+        """BPE ids of one prompt, without <start>/<end> and untruncated."""
+        return _simple_tokenizer().encode(prompt)
+
+    def __call__(self, prompts: Union[list[str], str]) -> torch.Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        out = torch.full((len(prompts), self.context_length), self.pad_token, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids = [START] + self.encode(prompt)[: self.context_length - 2] + [END]
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+def tokenizer_for(text_cfg) -> Tokenizer:
+    """The tokenizer that matches a CLIPTextConfig / OpenCLIPTextConfig (its pad id and length)."""
+    length = getattr(text_cfg, "max_positions", None) or getattr(text_cfg, "context_length", 77)
+    return Tokenizer(text_cfg.pad_token, length)
