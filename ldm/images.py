@@ -1,0 +1,178 @@
+"""Images in and out: uint8 conversion, grids, numbered PNGs that carry their settings, img2img input.
+
+Pixel values follow the original scripts (scripts/txt2img.py, scripts/img2img.py) bit for bit:
+`255. * clamp((x + 1) / 2, 0, 1)` in float32, truncated to uint8; the grid is torchvision's
+`make_grid(nrow=n_rows, padding=2)`; the img2img input is cropped by a LANCZOS resize to multiples of 32.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+IMAGE_PATTERN = r"(\d+)\.png"
+_CHUNK = 1 << 20
+_hash_cache: dict = {}
+
+
+class ImageError(ValueError):
+    """An input image or output PNG that cannot be used; the message says which file and what to do."""
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating as the scripts' `.astype(np.uint8)` does."""
+    # float32 first: the scripts ran in float32, and bfloat16 has no numpy dtype
+    x = torch.clamp((images.detach().float() + 1.0) / 2.0, min=0.0, max=1.0)
+    x = x.cpu().permute(0, 2, 3, 1).numpy()
+    return (255. * x).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, n_rows: int, padding: int = 2) -> np.ndarray:
+    """torchvision.utils.make_grid(images, nrow=n_rows, padding=2, pad_value=0) on (N, H, W, C) arrays.
+
+    As in torchvision (and the scripts' `--n_rows`), n_rows is the number of images in each ROW.
+    The scripts build the grid in float in [0, 1] and truncate `255. * grid`; every grid pixel is either
+    the pad (0 -> 0) or a copy of an image pixel, and truncation is elementwise, so gridding the already
+    truncated uint8 images gives the same bytes.
+    """
+    n, h, w, c = images.shape
+    if n == 1:  # torchvision returns a lone image as is, without padding
+        return images[0].copy()
+    cols = min(n_rows, n)
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=images.dtype)
+    for k in range(n):
+        y, x = divmod(k, cols)
+        top, left = y * (h + padding) + padding, x * (w + padding) + padding
+        grid[top:top + h, left:left + w] = images[k]
+    return grid
+
+
+def next_index(folder: Path, pattern=IMAGE_PATTERN) -> int:
+    """One past the highest number among the names in `folder` that fully match `pattern` (group 1)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    numbers = [int(m.group(1)) for m in (re.fullmatch(pattern, name) for name in names) if m]
+    return max(numbers, default=-1) + 1
+
+
+def save_png(image: np.ndarray, folder: Path, *, parameters: str, settings: dict,
+             prefix: str = "", digits: int = 5) -> Path:
+    """Write `folder/<prefix><number>.png` with A1111 `parameters` and our `ldm` JSON; never overwrites."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"save_png takes a (H, W, 3) uint8 array, got {image.dtype} {tuple(image.shape)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("parameters", parameters)  # Pillow falls back to iTXt when the text is not latin-1
+    info.add_text("ldm", json.dumps(settings, sort_keys=True))
+    n = next_index(folder, re.escape(prefix) + IMAGE_PATTERN)
+    while True:
+        path = folder / f"{prefix}{n:0{digits}d}.png"
+        try:
+            f = open(path, "xb")  # exclusive creation: another process may have taken the number meanwhile
+        except FileExistsError:
+            n += 1
+            continue
+        try:
+            with f:
+                Image.fromarray(image).save(f, format="PNG", pnginfo=info)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a half-written file would hold the number and look like an image
+            raise
+        return path
+
+
+def _quote(value) -> str:
+    # A1111's infotext quoting: values holding its separators are written as JSON strings
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(ch in text for ch in ",:\n") else text
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float,
+                     seed: int, width: int, height: int, model_hash: str | None, model_name: str | None,
+                     extra: dict | None = None) -> str:
+    """The AUTOMATIC1111 infotext, so other tools read our PNGs' settings."""
+    items = {"Steps": steps, "Sampler": sampler, "CFG scale": cfg_scale, "Seed": seed,
+             "Size": f"{width}x{height}", "Model hash": model_hash, "Model": model_name, **(extra or {})}
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in items.items() if v is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}"
+
+
+def model_hash(path) -> str:
+    """A1111's short model hash: the first 10 hex digits of the file's sha256."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _hash_cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):  # checkpoints are gigabytes: stream them
+                digest.update(chunk)
+        _hash_cache[key] = digest.hexdigest()[:10]
+    return _hash_cache[key]
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file; check the path of the {what}") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder; give the path of an image file as the {what}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"{path}: cannot be read as an image ({type(e).__name__}); give a PNG or JPEG file "
+                         f"as the {what}") from None
+
+
+def _png_text(png_path, key: str) -> str:
+    path = Path(png_path)
+    with _open(path, "PNG to read") as im:
+        text = getattr(im, "text", None) or im.info
+        if key not in text:
+            raise ImageError(f"{path}: has no '{key}' metadata; only PNGs saved by ldm (or A1111) carry it")
+        return text[key]
+
+
+def read_parameters(png_path) -> str:
+    """The A1111 `parameters` text of a PNG."""
+    return _png_text(png_path, "parameters")
+
+
+def read_settings(png_path) -> dict:
+    """The settings dict save_png stored in the PNG's `ldm` chunk."""
+    return json.loads(_png_text(png_path, "ldm"))
+
+
+def load_image(path, *, multiple: int = 32) -> tuple[torch.Tensor, str | None]:
+    """An img2img input as (1, 3, H, W) float32 in [-1, 1], H and W cut down to multiples of `multiple`.
+
+    Returns the image and a note saying how it was resized (None when it was not).
+    """
+    path = Path(path)
+    with _open(path, "init image") as im:
+        try:
+            image = im.convert("RGB")
+        except OSError as e:  # truncated or corrupt data shows up only when the pixels are decoded
+            raise ImageError(f"{path}: cannot be decoded ({e}); re-save it as a PNG or JPEG") from None
+    w, h = image.size
+    if w < multiple or h < multiple:
+        raise ImageError(f"{path}: is {w}x{h}; the init image must be at least {multiple}x{multiple} pixels")
+    # the original script's crop (scripts/img2img.py: `x - x % 32`; Stability's SD 2 script uses 64)
+    new_w, new_h = w - w % multiple, h - h % multiple
+    note = None
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), resample=Image.LANCZOS)
+        note = f"resized {path.name} from {w}x{h} to {new_w}x{new_h} (multiples of {multiple})"
+    array = np.array(image).astype(np.float32) / 255.0
+    x = torch.from_numpy(array[None].transpose(0, 3, 1, 2).copy())
+    return 2. * x - 1., note
