@@ -1,0 +1,47 @@
+"""`python -m ldm <command>`: the command line. Errors a user can fix are one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.config import ConfigError
+from weights import CheckpointError
+
+from .device import DeviceError
+
+USER_ERRORS = (CheckpointError, ConfigError, DeviceError)
+
+
+def _inspect(args) -> int:
+    from .inspect import format_summary, summarize
+
+    info = summarize(Path(args.ckpt), load=args.load, config=args.config, ema=args.ema)
+    print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ldm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="what a checkpoint holds: family, dtypes, parameters, EMA, extra keys")
+    p.add_argument("ckpt", help=".ckpt or .safetensors file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--load", action="store_true", help="also build and strictly load the networks; "
+                                                       "report load seconds and peak RSS")
+    p.add_argument("--config", default=None, help="original YAML config (with --load)")
+    p.add_argument("--ema", action="store_true", help="load the EMA UNet weights (with --load)")
+    p.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,148 @@
+"""`ldm.load`: a checkpoint file (+ optional original YAML config) to ready networks.
+
+The networks are built on the `meta` device and take the file's tensors with `assign=True`, so a 4 GB
+checkpoint is never held twice: a memory-mapped float32 file used in float32 on the CPU is not even copied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from models.clip_text import CLIPTextModel, normalize_clip_keys
+from models.config import PRESETS, CLIPTextConfig, ConfigError, ModelConfig, from_yaml
+from models.openclip_text import OpenCLIPTextModel, normalize_openclip_keys
+from models.tokenizer import Tokenizer, tokenizer_for
+from models.unet import UNetModel
+from models.vae import AutoencoderKL
+from weights import CheckpointError, detect_family, ema_unet, read_checkpoint, schedule_buffers, split_components
+
+from .device import Placement, resolve
+
+
+@dataclass
+class LatentDiffusion:
+    """A loaded model: the three networks and what is needed to sample with them."""
+    family: str
+    config: ModelConfig
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: nn.Module
+    tokenizer: Tokenizer
+    alphas_cumprod: torch.Tensor  # float32 [1000]: the checkpoint's buffer when it has one
+    placement: Placement
+    path: Optional[Path] = None
+    notes: list = field(default_factory=list)  # what the loader decided and why (shown by the CLI)
+
+    @property
+    def scale_factor(self) -> float:
+        return self.config.scale_factor
+
+    @property
+    def parameterization(self) -> Optional[str]:
+        return self.config.parameterization
+
+
+def find_config(path: Path) -> Optional[Path]:
+    """Users keep the original YAML beside the checkpoint with the same stem (v2-1_768-ema-pruned.yaml)."""
+    for ext in (".yaml", ".yml"):
+        candidate = path.with_suffix(ext)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_strict(module: nn.Module, state: dict, what: str, family: str, source: Path) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "") if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "") if unexpected else "",
+            f"wrong shape {', '.join(wrong[:2])}" if wrong else "") if part)
+        raise CheckpointError(f"{source.name}: the {what} does not fit the {family} layout: {detail}; "
+                              "check that --config matches this checkpoint (or omit it to detect the family)")
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    assert not left, f"{what} tensors never loaded (a buffer built in __init__?): {left[:3]}"
+
+
+def _place(module: nn.Module, placement: Placement) -> nn.Module:
+    # `.to` copies only what must change; a float32 mmap on the CPU used as float32 stays mapped.
+    return module.to(device=placement.device, dtype=placement.dtype).eval().requires_grad_(False)
+
+
+def _schedule(cfg: ModelConfig, buffers: dict, notes: list) -> torch.Tensor:
+    from samplers.schedule import linear_alphas_cumprod
+
+    computed = linear_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps)
+    stored = buffers.get("alphas_cumprod")
+    if stored is None:
+        return computed
+    stored = stored.float()
+    if stored.shape != computed.shape or (stored - computed).abs().max() > 1e-6:
+        notes.append("the checkpoint's alphas_cumprod differs from the config's linear schedule; "
+                     "sampling with the checkpoint's, as the original does")
+    return stored.clone()
+
+
+def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = None, device=None,
+         dtype=None, ema: bool = False) -> LatentDiffusion:
+    """Load an official SD 1.x / 2.x checkpoint (.ckpt or .safetensors).
+
+    config: an original YAML (`v1-inference.yaml`), a ModelConfig, or None to detect the family from the
+    file's keys (a YAML beside the checkpoint with the same stem is used when present).
+    device/dtype: a Placement, or names for `ldm.device.resolve` (None: auto).
+    ema: use the EMA copy of the UNet (`model_ema.*`) that full training checkpoints carry."""
+    path = Path(path)
+    placement = device if isinstance(device, Placement) else resolve(device or "auto", dtype)
+    notes = list(placement.notes)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if config is None and (beside := find_config(path)) is not None:
+        config, _ = beside, notes.append(f"using the config beside the checkpoint: {beside.name}")
+    state = read_checkpoint(path)
+    family = detect_family({k: tuple(v.shape) for k, v in state.items()})
+    if family == "vae":
+        raise CheckpointError(f"{path.name}: this is a VAE-only file; load a full model checkpoint "
+                              "(a separate VAE goes with --vae)")
+    if config is None:
+        cfg = PRESETS[family]
+    else:
+        try:
+            cfg = config if isinstance(config, ModelConfig) else from_yaml(config)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        if cfg.family != family:
+            raise CheckpointError(f"{path.name} is a {family} checkpoint but the config describes {cfg.family}; "
+                                  "pass the config that belongs to this file, or none to use the built-in one")
+
+    parts = split_components(state)
+    text_key = "clip_text" if isinstance(cfg.text, CLIPTextConfig) else "openclip_text"
+    for needed in ("unet", "vae", text_key):
+        if not parts.parts.get(needed):
+            raise CheckpointError(f"{path.name}: no {needed} weights in this file; it is not a complete "
+                                  f"{family} checkpoint")
+    unet_state = parts.parts["unet"]
+    with torch.device("meta"):
+        unet = UNetModel(cfg.unet)
+        vae = AutoencoderKL(cfg.vae)
+        text = CLIPTextModel(cfg.text) if text_key == "clip_text" else OpenCLIPTextModel(cfg.text)
+    if ema:
+        unet_state = ema_unet(state, list(unet.state_dict()))
+        notes.append("using the EMA weights of the UNet (model_ema.*)")
+    normalize = normalize_clip_keys if text_key == "clip_text" else normalize_openclip_keys
+    _load_strict(unet, unet_state, "UNet", family, path)
+    _load_strict(vae, parts.parts["vae"], "VAE", family, path)
+    _load_strict(text, normalize(parts.parts[text_key]), "text encoder", family, path)
+    return LatentDiffusion(
+        family=family, config=cfg, unet=_place(unet, placement), vae=_place(vae, placement),
+        text_encoder=_place(text, placement), tokenizer=tokenizer_for(cfg.text),
+        alphas_cumprod=_schedule(cfg, schedule_buffers(state), notes), placement=placement, path=path,
+        notes=notes)
