@@ -18,6 +18,11 @@ from models.tokenizer import END, START, Tokenizer, tokenizer_for
 REF = Path("/work/shared/reference")
 FIX = REF / "fixtures"
 TOL = 1e-4
+# for the full-size towers: the kind of prompt SD sees, tokenized by each family's own tokenizer
+REAL_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse on a rocky cliff at sunset, dramatic sky, highly detailed",
+]
 
 TINY_CLIP = CLIPTextConfig(width=32, layers=2, heads=2, intermediate_size=64)
 TINY_OPENCLIP = OpenCLIPTextConfig(width=32, layers=2, heads=2, embed_dim=32)
@@ -38,13 +43,16 @@ def _strip(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (LayerNorms and biases included), so no term of the forward hides."""
+def _randomize(module: torch.nn.Module, seed: int, fan_in: bool = False) -> None:
+    """Every parameter random (LayerNorms and biases included), so no term of the forward hides.
+    Matrices have std 0.3, or with `fan_in` 1/sqrt(fan_in): at width 768+ a fixed 0.3 would blow the
+    attention logits up until every softmax is one-hot, and the comparison would test little."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             is_norm_scale = p.ndim == 1 and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1) + float(is_norm_scale))
+            std = (p.shape[-1] ** -0.5 if fan_in else 0.3) if p.ndim > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * std + float(is_norm_scale))
 
 
 # ---------------------------------------------------------------- layouts
@@ -124,16 +132,20 @@ def test_fixture_meta_build_and_assign_load():
 
 
 # ---------------------------------------------------------------- transformers oracle
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
-def test_clip_matches_transformers(act):
+def _hf_clip(cfg: CLIPTextConfig):
     transformers = pytest.importorskip("transformers")
-    cfg = replace(TINY_CLIP, act=act)
-    hf = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_positions, hidden_act=act, layer_norm_eps=1e-5,
+        max_position_embeddings=cfg.max_positions, hidden_act=cfg.act, layer_norm_eps=1e-5,
         bos_token_id=START, eos_token_id=END, pad_token_id=END, attn_implementation="eager",
     )).eval()
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_clip_matches_transformers(act):
+    cfg = replace(TINY_CLIP, act=act)
+    hf = _hf_clip(cfg)
     _randomize(hf, 0)
     tokens = Tokenizer(cfg.pad_token)(PROMPTS)
     assert tokens[3, -1] == END and (tokens[3, :-1] != END).all()  # the long prompt is truncated
@@ -154,8 +166,32 @@ def test_clip_matches_transformers(act):
     assert _max_diff(expected["last"], expected["penultimate"]) > 1e-2
 
 
+@pytest.mark.slow
+def test_full_size_clip_l_matches_transformers():
+    """SD 1.x's text tower at full size (ViT-L/14, 123M parameters), last layer + final LN."""
+    tokens = tokenizer_for(CLIP_L)(REAL_PROMPTS)
+    hf = _hf_clip(CLIP_L)
+    _randomize(hf, 2, fan_in=True)
+    with torch.no_grad():
+        want = hf(input_ids=tokens).last_hidden_state
+    sd = normalize_clip_keys(hf.state_dict())
+    del hf
+    ours = CLIPTextModel(CLIP_L).eval()
+    ours.load_state_dict(sd, strict=True)
+    del sd
+    with torch.no_grad():
+        got = ours(tokens)
+    diff = _max_diff(got, want)
+    print(f"\nfull-size CLIP ViT-L/14 last vs transformers: max abs diff {diff:.2e} "
+          f"(max |output| {want.abs().max().item():.3g})")
+    assert got.shape == (2, 77, 768) and diff <= TOL
+    assert _max_diff(want[0], want[1]) > 1e-1  # the two prompts really give different embeddings
+
+
 # ---------------------------------------------------------------- open_clip oracle
-def _open_clip_tiny(cfg: OpenCLIPTextConfig, quick_gelu: bool):
+def _open_clip_model(cfg: OpenCLIPTextConfig, quick_gelu: bool, fan_in: bool = False):
+    """An open_clip CLIP with `cfg`'s text tower and random weights; the vision tower is a stub,
+    built tiny and deleted (as FrozenOpenCLIPEmbedder deletes it)."""
     open_clip = pytest.importorskip("open_clip")
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
@@ -167,8 +203,8 @@ def _open_clip_tiny(cfg: OpenCLIPTextConfig, quick_gelu: bool):
                              heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio),
         quick_gelu=quick_gelu,
     ).eval()
-    del model.visual  # as FrozenOpenCLIPEmbedder does
-    _randomize(model, 1)
+    del model.visual
+    _randomize(model, 1, fan_in=fan_in)
     return open_clip, model
 
 
@@ -187,7 +223,7 @@ def _frozen_openclip_encode(model, tokens: torch.Tensor, layer_idx: int) -> torc
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
 def test_openclip_matches_open_clip(act):
     cfg = replace(TINY_OPENCLIP, act=act)
-    open_clip, oc = _open_clip_tiny(cfg, quick_gelu=act == "quick_gelu")
+    open_clip, oc = _open_clip_model(cfg, quick_gelu=act == "quick_gelu")
     tokens = Tokenizer(cfg.pad_token)(PROMPTS)
     assert torch.equal(tokens, open_clip.tokenize(PROMPTS))
     with torch.no_grad():
@@ -206,6 +242,36 @@ def test_openclip_matches_open_clip(act):
         print(f"\nOpenCLIP {act} {layer} vs open_clip: max abs diff {diff:.3g}")
         assert diff <= TOL
     assert _max_diff(expected["last"], expected["penultimate"]) > 1e-2
+
+
+@pytest.mark.slow
+def test_full_size_openclip_h_matches_open_clip():
+    """SD 2.x's text tower at full size (ViT-H/14, 354M parameters), penultimate block + ln_final as
+    FrozenOpenCLIPEmbedder computes it."""
+    open_clip = pytest.importorskip("open_clip")
+    # open_clip's own ViT-H-14 config (a JSON in the package, nothing downloaded) has our preset's shape
+    text_cfg = open_clip.get_model_config("ViT-H-14")["text_cfg"]
+    assert text_cfg == {"context_length": OPENCLIP_H.context_length, "vocab_size": OPENCLIP_H.vocab_size,
+                        "width": OPENCLIP_H.width, "heads": OPENCLIP_H.heads, "layers": OPENCLIP_H.layers}
+    assert OPENCLIP_H.layer == "penultimate" and OPENCLIP_H.act == "gelu" and OPENCLIP_H.mlp_ratio == 4.0
+
+    tokens = tokenizer_for(OPENCLIP_H)(REAL_PROMPTS)
+    assert torch.equal(tokens, open_clip.tokenize(REAL_PROMPTS))
+    _, oc = _open_clip_model(OPENCLIP_H, quick_gelu=False, fan_in=True)
+    with torch.no_grad():
+        want = _frozen_openclip_encode(oc, tokens, layer_idx=1)
+    sd = normalize_openclip_keys(oc.state_dict())
+    del oc
+    ours = OpenCLIPTextModel(OPENCLIP_H).eval()
+    ours.load_state_dict(sd, strict=True)
+    del sd
+    with torch.no_grad():
+        got = ours(tokens)
+    diff = _max_diff(got, want)
+    print(f"\nfull-size OpenCLIP ViT-H/14 penultimate vs open_clip: max abs diff {diff:.2e} "
+          f"(max |output| {want.abs().max().item():.3g})")
+    assert got.shape == (2, 77, 1024) and diff <= TOL
+    assert _max_diff(want[0], want[1]) > 1e-1
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.config import VAEConfig, from_yaml
+from models.config import PRESETS, VAEConfig, from_yaml
 from models.vae import AutoencoderKL
 
 REF = Path("/work/shared/reference")
@@ -85,13 +85,14 @@ def test_matches_original_implementation(name):
 
 
 # ---------------------------------------------------------------- 3. diffusers with the same weights
-@pytest.mark.parametrize("cfg,hw", [(TINY, (32, 32)), (TINY, (24, 40)), (TINY_F4, (32, 48))])
-def test_matches_diffusers(cfg, hw):
+def _diffusers_twin(ours: AutoencoderKL):
+    """diffusers' AutoencoderKL holding `ours`'s weights, built and converted by diffusers' own
+    single-file code from an original-format config and checkpoint."""
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
                                                      create_vae_diffusers_config_from_ldm)
 
-    ours = _random_vae(cfg, seed=0)
+    cfg = ours.cfg
     checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}
     ddconfig = {"ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "in_channels": cfg.in_channels,
                 "out_ch": cfg.out_ch, "z_channels": cfg.z_channels, "num_res_blocks": cfg.num_res_blocks}
@@ -100,18 +101,50 @@ def test_matches_diffusers(cfg, hw):
     dconfig = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
     theirs = DiffusersVAE(**dconfig).eval()
     theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, dconfig), strict=True)
+    return theirs
 
+
+def _diffs_vs_diffusers(ours: AutoencoderKL, theirs, hw: tuple[int, int]) -> dict:
+    cfg = ours.cfg
     image = torch.rand((1, 3, *hw), generator=torch.Generator().manual_seed(1)) * 2 - 1
     f = cfg.downsampling_factor
     z = torch.randn((1, cfg.embed_dim, hw[0] // f, hw[1] // f), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         post, dist = ours.encode(image), theirs.encode(image).latent_dist
+        decoded = ours.decode(z)
         diffs = {
             "mean": _max_diff(post.mean, dist.mean),
             "logvar": _max_diff(post.logvar, dist.logvar),
-            "decode": _max_diff(ours.decode(z), theirs.decode(z).sample),
+            "decode": _max_diff(decoded, theirs.decode(z).sample),
         }
-    print(cfg.ch_mult, hw, diffs)
+    # the output scales, so a reader can judge the absolute tolerance
+    diffs["scale"] = {"mean": post.mean.abs().max().item(), "logvar": post.logvar.abs().max().item(),
+                      "decode": decoded.abs().max().item()}
+    return diffs
+
+
+@pytest.mark.parametrize("cfg,hw", [(TINY, (32, 32)), (TINY, (24, 40)), (TINY_F4, (32, 48))])
+def test_matches_diffusers(cfg, hw):
+    ours = _random_vae(cfg, seed=0)
+    diffs = _diffs_vs_diffusers(ours, _diffusers_twin(ours), hw)
+    scale = diffs.pop("scale")
+    print(cfg.ch_mult, hw, diffs, "output scale", scale)
+    assert max(diffs.values()) <= 1e-4, diffs
+
+
+@pytest.mark.slow
+def test_full_size_sd_vae_matches_diffusers():
+    """The real SD VAE (83.7M parameters), every tensor random, against diffusers: 128x128 encode,
+    16x16 latent decode."""
+    cfg = PRESETS["sd1"].vae
+    ours = _random_vae(cfg, seed=10)
+    assert sum(p.numel() for p in ours.parameters()) == 83_653_863
+    theirs = _diffusers_twin(ours)
+    diffs = _diffs_vs_diffusers(ours, theirs, (128, 128))
+    del theirs
+    scale = diffs.pop("scale")
+    for k, d in diffs.items():
+        print(f"\nfull-size SD VAE {k} vs diffusers: max abs diff {d:.2e} (max |output| {scale[k]:.3g})")
     assert max(diffs.values()) <= 1e-4, diffs
 
 
