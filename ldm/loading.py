@@ -5,7 +5,7 @@ checkpoint is never held twice: a memory-mapped float32 file used in float32 on 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,7 +18,9 @@ from models.openclip_text import OpenCLIPTextModel, normalize_openclip_keys
 from models.tokenizer import Tokenizer, tokenizer_for
 from models.unet import UNetModel
 from models.vae import AutoencoderKL
-from weights import CheckpointError, detect_family, ema_unet, read_checkpoint, schedule_buffers, split_components
+from weights import (CheckpointError, detect_family, ema_unet, is_lone_vae, read_checkpoint, schedule_buffers,
+                     split_components)
+from weights.pages import PageReleaser
 
 from .device import Placement, resolve
 
@@ -73,9 +75,35 @@ def _load_strict(module: nn.Module, state: dict, what: str, family: str, source:
     assert not left, f"{what} tensors never loaded (a buffer built in __init__?): {left[:3]}"
 
 
-def _place(module: nn.Module, placement: Placement) -> nn.Module:
-    # `.to` copies only what must change; a float32 mmap on the CPU used as float32 stays mapped.
-    return module.to(device=placement.device, dtype=placement.dtype).eval().requires_grad_(False)
+def _place(module: nn.Module, placement: Placement, release) -> nn.Module:
+    """Move tensor by tensor to the compute device and dtype, handing each mapped original's pages back
+    as soon as it is copied, so the file is never resident next to its converted copy. A tensor that is
+    already right (a float32 file used as float32 on the CPU) is not copied: it stays memory-mapped."""
+    for mod in module.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                dtype = placement.dtype if t.is_floating_point() else t.dtype
+                if t.device == placement.device and t.dtype == dtype:
+                    continue
+                moved = t.detach().to(device=placement.device, dtype=dtype)
+                table[name] = nn.Parameter(moved, requires_grad=False) if table is mod._parameters else moved
+                release(t)
+    return module.eval().requires_grad_(False)
+
+
+def detect_prediction(unet: nn.Module, context_dim: int) -> tuple[str, float]:
+    """Tell an eps model from a v model with one UNet call, as A1111 and stable-diffusion.cpp do for SD 2
+    files without a config: at t = 999 with x = 0.5 everywhere, an eps model predicts noise of mean
+    about x, a v model about -x0, so mean(out - x) < -1 means v."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    context = torch.full((1, 77, context_dim), 0.5, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999], device=p.device), context).float()
+    score = (out - x[:, :out.shape[1]].float()).mean().item()
+    return ("v" if score < -1 else "eps"), score
 
 
 def _schedule(cfg: ModelConfig, buffers: dict, notes: list) -> torch.Tensor:
@@ -92,26 +120,41 @@ def _schedule(cfg: ModelConfig, buffers: dict, notes: list) -> torch.Tensor:
     return stored.clone()
 
 
+def _vae_state(path: Path) -> dict:
+    """A separate VAE file (vae-ft-mse-840000-ema-pruned.ckpt): `encoder.*`, `decoder.*`, ... with or
+    without the `first_stage_model.` prefix, `loss.*` keys ignored."""
+    state = read_checkpoint(path)
+    part = split_components(state).parts.get("vae")
+    if not is_lone_vae(state) and not part:
+        raise CheckpointError(f"{path.name}: not a VAE file (no encoder/decoder keys)")
+    return part
+
+
 def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = None, device=None,
-         dtype=None, ema: bool = False) -> LatentDiffusion:
+         dtype=None, ema: bool = False, vae: Union[str, Path, None] = None,
+         prediction: Optional[str] = None) -> LatentDiffusion:
     """Load an official SD 1.x / 2.x checkpoint (.ckpt or .safetensors).
 
     config: an original YAML (`v1-inference.yaml`), a ModelConfig, or None to detect the family from the
     file's keys (a YAML beside the checkpoint with the same stem is used when present).
     device/dtype: a Placement, or names for `ldm.device.resolve` (None: auto).
-    ema: use the EMA copy of the UNet (`model_ema.*`) that full training checkpoints carry."""
+    ema: use the EMA copy of the UNet (`model_ema.*`) that full training checkpoints carry.
+    vae: a separate VAE file to use instead of the checkpoint's own.
+    prediction: "eps" or "v", overriding the config; SD 2 files without either are probed."""
     path = Path(path)
     placement = device if isinstance(device, Placement) else resolve(device or "auto", dtype)
     notes = list(placement.notes)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    if prediction not in (None, "eps", "v"):
+        raise ConfigError(f"prediction must be eps or v, got {prediction!r}")
     if config is None and (beside := find_config(path)) is not None:
         config, _ = beside, notes.append(f"using the config beside the checkpoint: {beside.name}")
     state = read_checkpoint(path)
-    family = detect_family({k: tuple(v.shape) for k, v in state.items()})
+    family = detect_family({k: tuple(v.shape) for k, v in state.items()}, source=path)
     if family == "vae":
         raise CheckpointError(f"{path.name}: this is a VAE-only file; load a full model checkpoint "
-                              "(a separate VAE goes with --vae)")
+                              "and pass this file as the separate VAE (vae=..., --vae)")
     if config is None:
         cfg = PRESETS[family]
     else:
@@ -122,27 +165,42 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
         if cfg.family != family:
             raise CheckpointError(f"{path.name} is a {family} checkpoint but the config describes {cfg.family}; "
                                   "pass the config that belongs to this file, or none to use the built-in one")
+    if prediction is not None:
+        cfg = replace(cfg, parameterization=prediction)
 
     parts = split_components(state)
     text_key = "clip_text" if isinstance(cfg.text, CLIPTextConfig) else "openclip_text"
     for needed in ("unet", "vae", text_key):
-        if not parts.parts.get(needed):
+        if not parts.parts.get(needed) and not (needed == "vae" and vae is not None):
             raise CheckpointError(f"{path.name}: no {needed} weights in this file; it is not a complete "
                                   f"{family} checkpoint")
-    unet_state = parts.parts["unet"]
     with torch.device("meta"):
         unet = UNetModel(cfg.unet)
-        vae = AutoencoderKL(cfg.vae)
+        autoencoder = AutoencoderKL(cfg.vae)
         text = CLIPTextModel(cfg.text) if text_key == "clip_text" else OpenCLIPTextModel(cfg.text)
+    unet_state = parts.parts["unet"]
     if ema:
-        unet_state = ema_unet(state, list(unet.state_dict()))
+        unet_state = ema_unet(state, list(unet.state_dict()), source=path)
         notes.append("using the EMA weights of the UNet (model_ema.*)")
+    vae_state, vae_path = parts.parts.get("vae"), path
+    if vae is not None:
+        vae_path = Path(vae)
+        vae_state = _vae_state(vae_path)
+        notes.append(f"using the VAE from {vae_path.name}")
     normalize = normalize_clip_keys if text_key == "clip_text" else normalize_openclip_keys
     _load_strict(unet, unet_state, "UNet", family, path)
-    _load_strict(vae, parts.parts["vae"], "VAE", family, path)
+    _load_strict(autoencoder, vae_state, "VAE", family, vae_path)
     _load_strict(text, normalize(parts.parts[text_key]), "text encoder", family, path)
+    release = PageReleaser(path)
+    release_vae = release if vae is None else PageReleaser(vae_path)
+    unet, text = _place(unet, placement, release), _place(text, placement, release)
+    autoencoder = _place(autoencoder, placement, release_vae)
+    if cfg.parameterization is None:
+        kind, score = detect_prediction(unet, cfg.unet.context_dim)
+        cfg = replace(cfg, parameterization=kind)
+        notes.append(f"prediction type {kind} (no config says; one UNet call at t=999 gave mean(out - x) = "
+                     f"{score:.2f}, {'<' if kind == 'v' else '>='} -1); override with --prediction")
     return LatentDiffusion(
-        family=family, config=cfg, unet=_place(unet, placement), vae=_place(vae, placement),
-        text_encoder=_place(text, placement), tokenizer=tokenizer_for(cfg.text),
-        alphas_cumprod=_schedule(cfg, schedule_buffers(state), notes), placement=placement, path=path,
-        notes=notes)
+        family=family, config=cfg, unet=unet, vae=autoencoder, text_encoder=text,
+        tokenizer=tokenizer_for(cfg.text), alphas_cumprod=_schedule(cfg, schedule_buffers(state), notes),
+        placement=placement, path=path, notes=notes)
