@@ -12,6 +12,8 @@ from weights import CheckpointError
 from .device import DeviceError
 
 USER_ERRORS = (CheckpointError, ConfigError, DeviceError)
+GENERATE = {"txt2img": "images from a text prompt (the original scripts/txt2img.py flags)",
+            "img2img": "variations of an input image (the original scripts/img2img.py flags)"}
 
 
 def _inspect(args) -> int:
@@ -33,10 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="original YAML config (with --load)")
     p.add_argument("--ema", action="store_true", help="load the EMA UNet weights (with --load)")
     p.set_defaults(run=_inspect)
+    for name, text in GENERATE.items():  # listed for --help; ldm.generate parses their flags
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in GENERATE:
+        from .generate import main as generate  # the same code as tools/txt2img.py and tools/img2img.py
+        return generate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

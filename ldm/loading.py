@@ -22,7 +22,7 @@ from weights import (CheckpointError, detect_family, ema_unet, is_lone_vae, read
                      split_components)
 from weights.pages import PageReleaser
 
-from .device import Placement, resolve
+from .device import Placement, configure_backends, resolve
 
 
 @dataclass
@@ -144,6 +144,7 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
     path = Path(path)
     placement = device if isinstance(device, Placement) else resolve(device or "auto", dtype)
     notes = list(placement.notes)
+    configure_backends(placement)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if prediction not in (None, "eps", "v"):
@@ -166,6 +167,9 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
             raise CheckpointError(f"{path.name} is a {family} checkpoint but the config describes {cfg.family}; "
                                   "pass the config that belongs to this file, or none to use the built-in one")
     if prediction is not None:
+        if cfg.parameterization not in (None, prediction):
+            notes.append(f"the config says the model predicts {cfg.parameterization}; using {prediction} as asked "
+                         "(--prediction)")
         cfg = replace(cfg, parameterization=prediction)
 
     parts = split_components(state)

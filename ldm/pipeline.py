@@ -56,7 +56,7 @@ def latent_shape(model: LatentDiffusion, n: int, height: int, width: int) -> tup
 
 def _denoiser(model: LatentDiffusion, prompts: list[str], negative: list[str], scale: float):
     if model.parameterization is None:
-        raise ValueError("the model's prediction type (eps or v) is not known; load it with prediction=...")
+        raise ValueError("the model's prediction type (eps or v) is not known; load it with prediction=\"eps\" or \"v\"")
     cond = encode_text(model, prompts)
     # The original encodes the empty string for the unconditional half, never zeros.
     uncond = encode_text(model, negative) if scale != 1.0 else None

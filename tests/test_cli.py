@@ -1,0 +1,342 @@
+"""txt2img / img2img commands end to end on the tiny fixture checkpoints.
+
+The whole-script fixtures (`txt2img.png`, made by the original scripts' code) are the reference for
+the images; files, numbering, metadata and error handling are checked against what the flags ask for.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FIXTURES, fixture_meta, fixture_tensors
+from ldm import cli, generate
+from ldm.images import read_parameters, read_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a photograph of an astronaut riding a horse"
+FAST = ["--H", "32", "--W", "32", "--ddim_steps", "2"]  # 2 steps: timesteps 1 and 501
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The machine is shared: two OpenMP threads competing with other jobs are ~50x slower than one here.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _file(name: str, ext: str) -> str:
+    return str(FIXTURES[name] / f"{name}.{ext}")
+
+
+def model_flags(name: str = "sd1_tiny", ext: str = "safetensors") -> list[str]:
+    # the tiny VAE downsamples by 2 (--f 2); CPU float32 as the fixtures
+    return ["--ckpt", _file(name, ext), "--config", _file(name, "yaml"), "--f", "2", "--precision", "full",
+            "--device", "cpu"]
+
+
+def run(capsys, command: str, argv: list[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = generate.main(command, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pixels(path) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB"))
+
+
+def sha10(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+# ---- txt2img: files, grid, numbering, metadata ----------------------------------------------------------
+
+def test_txt2img_files_grid_numbering_metadata(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = model_flags() + FAST + ["--prompt", PROMPT, "--n_samples", 2, "--n_iter", 2, "--seed", 7, "--outdir", out]
+    code, stdout, err = run(capsys, "txt2img", argv)
+    assert code == 0, err
+    assert listing(out / "samples") == [f"{i:05d}.png" for i in range(4)]
+    assert listing(out) == ["grid-0000.png", "samples"]
+    assert "Your samples are ready and waiting for you here" in stdout and str(out) in stdout
+
+    samples = [pixels(out / "samples" / f"{i:05d}.png") for i in range(4)]
+    assert all(s.shape == (32, 32, 3) for s in samples)
+    # torchvision's grid: n_rows (default n_samples = 2) images per row, 2 px padding; batches in order
+    grid = pixels(out / "grid-0000.png")
+    assert grid.shape == (70, 70, 3)
+    for k, (top, left) in enumerate([(2, 2), (2, 36), (36, 2), (36, 36)]):
+        np.testing.assert_array_equal(grid[top:top + 32, left:left + 32], samples[k])
+    assert not np.array_equal(samples[0], samples[1])  # each image of a batch has its own noise
+
+    s = read_settings(out / "samples" / "00003.png")
+    expected = {"command": "txt2img", "prompt": PROMPT, "negative_prompt": "", "seed": 7, "iteration": 1,
+                "index_in_batch": 1, "batch": 0, "batch_size": 2, "n_samples": 2, "n_iter": 2,
+                "fixed_code": False, "sampler": "ddim", "steps": 2, "eta": 0.0, "scale": 7.5, "H": 32, "W": 32,
+                "ckpt": _file("sd1_tiny", "safetensors"), "model_hash": sha10(_file("sd1_tiny", "safetensors")),
+                "config": _file("sd1_tiny", "yaml"), "device": "cpu", "dtype": "float32", "prediction": "eps",
+                "ema": False, "torch_version": torch.__version__}
+    assert {k: s.get(k) for k in expected} == expected
+    assert s["ldm_version"]
+    text = read_parameters(out / "samples" / "00003.png")
+    assert text.splitlines()[0] == PROMPT
+    assert text.splitlines()[1] == (f"Steps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 7, Size: 32x32, "
+                                    f"Model hash: {sha10(_file('sd1_tiny', 'safetensors'))}, Model: sd1_tiny")
+    assert read_settings(out / "grid-0000.png")["grid"] == {"images": 4, "n_rows": 2}
+
+    # the same command again: numbering goes on, nothing is overwritten, the bytes are the same
+    before = {p: p.read_bytes() for p in [*(out / "samples").iterdir(), out / "grid-0000.png"]}
+    code, _, err = run(capsys, "txt2img", argv)
+    assert code == 0, err
+    assert listing(out / "samples") == [f"{i:05d}.png" for i in range(8)]
+    assert listing(out) == ["grid-0000.png", "grid-0001.png", "samples"]
+    assert all(p.read_bytes() == b for p, b in before.items())
+    for i in range(4):
+        assert (out / "samples" / f"{i + 4:05d}.png").read_bytes() == before[out / "samples" / f"{i:05d}.png"]
+    assert (out / "grid-0001.png").read_bytes() == before[out / "grid-0000.png"]
+
+    # another seed: other images
+    code, _, err = run(capsys, "txt2img", argv[:-6] + ["--n_iter", 1, "--seed", 8, "--outdir", out])
+    assert code == 0, err
+    assert not np.array_equal(pixels(out / "samples" / "00008.png"), samples[0])
+
+
+def test_skip_grid_and_skip_save(tmp_path, capsys):
+    base = model_flags() + FAST + ["--n_samples", 1, "--n_iter", 1]
+    code, _, err = run(capsys, "txt2img", base + ["--skip_save", "--outdir", tmp_path / "a"])
+    assert code == 0, err
+    assert listing(tmp_path / "a") == ["grid-0000.png"]
+    code, _, err = run(capsys, "txt2img", base + ["--skip_grid", "--outdir", tmp_path / "b"])
+    assert code == 0, err
+    assert listing(tmp_path / "b") == ["samples"] and listing(tmp_path / "b" / "samples") == ["00000.png"]
+
+
+def test_from_file_batches_prompts(tmp_path, capsys):
+    prompts = ["a red cube", "a blue sphere", "a green cone"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "txt2img", model_flags() + FAST + [
+        "--from-file", tmp_path / "prompts.txt", "--n_samples", 2, "--n_iter", 1,
+        "--negative-prompt", "blurry", "--outdir", out])
+    assert code == 0, err
+    names = listing(out / "samples")
+    assert names == ["00000.png", "00001.png", "00002.png"]
+    settings = [read_settings(out / "samples" / n) for n in names]
+    # chunks of n_samples as the original; the short last chunk runs as a batch of one
+    assert [(s["prompt"], s["batch"], s["index_in_batch"], s["batch_size"]) for s in settings] == [
+        (prompts[0], 0, 0, 2), (prompts[1], 0, 1, 2), (prompts[2], 1, 0, 1)]
+    assert all(s["negative_prompt"] == "blurry" for s in settings)
+    assert read_parameters(out / "samples" / "00002.png").splitlines()[:2] == [prompts[2], "Negative prompt: blurry"]
+    assert pixels(out / "grid-0000.png").shape == (70, 70, 3)  # 3 images, 2 per row
+
+
+# ---- the original script's output ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, ext, extra", [
+    ("sd1_tiny", "ckpt", ["--fixed_code"]),  # the fixture draws its start code first, as --fixed_code does
+    ("sd2_tiny", "safetensors", []),         # with one batch the per-iteration draw is that same first draw
+    ("sd2v_tiny", "safetensors", []),
+])
+def test_matches_original_txt2img_script(tmp_path, capsys, name, ext, extra):
+    meta = fixture_meta(name, "txt2img")
+    sampler = {"PLMSSampler": ["--plms"], "DDIMSampler": []}[meta["sampler"]]
+    argv = model_flags(name, ext) + sampler + extra + [
+        "--prompt", meta["prompt"], "--H", meta["H"], "--W", meta["W"], "--n_samples", meta["n_samples"],
+        "--n_iter", meta["n_iter"], "--ddim_steps", meta["ddim_steps"], "--scale", meta["scale"],
+        "--ddim_eta", meta["ddim_eta"], "--seed", meta["seed"], "--outdir", tmp_path, "--skip_grid"]
+    code, _, err = run(capsys, "txt2img", argv)
+    assert code == 0, err
+    ours = pixels(tmp_path / "samples" / "00000.png").astype(np.int16)
+    ref_png = pixels(FIXTURES[name] / "txt2img.png").astype(np.int16)
+    ref = fixture_tensors(name, "txt2img")["image_uint8_hwc"].numpy().astype(np.int16)
+    for what, reference in (("txt2img.png", ref_png), ("image_uint8_hwc", ref)):
+        diff = np.abs(ours - reference)
+        print(f"{name} vs {what}: max {diff.max()} level, {np.count_nonzero(diff)} of {diff.size} values differ")
+        assert diff.max() <= 1
+    s = read_settings(tmp_path / "samples" / "00000.png")
+    assert s["prediction"] == meta["parameterization"] and s["sampler"] == ("plms" if sampler else "ddim")
+
+
+def test_prediction_flag_overrides_the_config(tmp_path, capsys):
+    base = model_flags("sd2v_tiny") + FAST + ["--n_samples", 1, "--n_iter", 1, "--skip_grid"]
+    code, _, err = run(capsys, "txt2img", base + ["--outdir", tmp_path / "v"])
+    assert code == 0, err
+    code, stdout, err = run(capsys, "txt2img", base + ["--prediction", "eps", "--outdir", tmp_path / "eps"])
+    assert code == 0, err
+    assert "using eps as asked (--prediction)" in stdout
+    assert read_settings(tmp_path / "eps" / "samples" / "00000.png")["prediction"] == "eps"
+    assert not np.array_equal(pixels(tmp_path / "v" / "samples" / "00000.png"),
+                              pixels(tmp_path / "eps" / "samples" / "00000.png"))
+
+
+# ---- img2img -------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def init_png(tmp_path) -> Path:
+    path = tmp_path / "init.png"
+    Image.open(FIXTURES["sd1_tiny"] / "txt2img.png").convert("RGB").save(path)
+    return path
+
+
+def test_img2img_end_to_end(tmp_path, capsys, init_png):
+    from ldm import load, pipeline
+    from ldm.images import load_image, to_uint8
+
+    base = model_flags() + ["--init-img", init_png, "--prompt", PROMPT, "--ddim_steps", 4, "--n_iter", 1,
+                            "--seed", 5]
+    code, stdout, err = run(capsys, "img2img", base + ["--strength", 0.5, "--n_samples", 2, "--outdir", tmp_path / "a"])
+    assert code == 0, err
+    assert "target t_enc is 2 steps" in stdout
+    assert listing(tmp_path / "a") == ["grid-0000.png", "samples"]
+    assert listing(tmp_path / "a" / "samples") == ["00000.png", "00001.png"]
+    s = read_settings(tmp_path / "a" / "samples" / "00001.png")
+    expected = {"command": "img2img", "strength": 0.5, "t_enc": 2, "init_image": str(init_png),
+                "init_image_sha256": hashlib.sha256(init_png.read_bytes()).hexdigest(), "H": 64, "W": 64,
+                "seed": 5, "steps": 4, "sampler": "ddim", "scale": 5.0, "index_in_batch": 1}
+    assert {k: s.get(k) for k in expected} == expected
+    assert "Denoising strength: 0.5" in read_parameters(tmp_path / "a" / "samples" / "00001.png")
+
+    # the command is the library's img2img: same seed, same images
+    model = load(_file("sd1_tiny", "safetensors"), device="cpu", dtype="float32")
+    image, _ = load_image(init_png)
+    ref = to_uint8(pipeline.img2img(model, image, PROMPT, seed=5, n_samples=2, strength=0.5, steps=4,
+                                    sampler="ddim", scale=5.0)[0])
+    for i in range(2):
+        np.testing.assert_array_equal(pixels(tmp_path / "a" / "samples" / f"0000{i}.png"), ref[i])
+
+    code, _, err = run(capsys, "img2img", base + ["--strength", 0.9, "--n_samples", 1, "--outdir", tmp_path / "b"])
+    assert code == 0, err
+    assert not np.array_equal(pixels(tmp_path / "b" / "samples" / "00000.png"), ref[0])
+
+
+def test_img2img_plms_and_resized_input(tmp_path, capsys, init_png):
+    odd = tmp_path / "odd.png"
+    Image.open(init_png).resize((70, 67)).save(odd)
+    argv = model_flags() + ["--init-img", odd, "--plms", "--ddim_steps", 4, "--n_samples", 1, "--outdir", tmp_path]
+    code, stdout, err = run(capsys, "img2img", argv)
+    assert code == 0, err
+    assert "resized odd.png from 70x67 to 64x64" in stdout
+    assert pixels(tmp_path / "samples" / "00000.png").shape == (64, 64, 3)
+    s = read_settings(tmp_path / "samples" / "00000.png")
+    assert (s["sampler"], s["strength"], s["t_enc"]) == ("plms", 0.75, 3)
+    assert "Sampler: PLMS" in read_parameters(tmp_path / "samples" / "00000.png")
+
+
+# ---- user errors: one line, exit code 2, checked before any weights are read ---------------------------
+
+BAD_FLAGS = [
+    ("txt2img", ["--H", "500"], "--H 500 is not a multiple of 8; use 496 or 504"),
+    ("txt2img", ["--W", "4"], "--W 4 is not a multiple of 8; use 8"),
+    ("txt2img", ["--ddim_steps", "0"], "--ddim_steps 0"),
+    ("txt2img", ["--ddim_steps", "3"], "--ddim_steps 3"),  # uniform spacing would reach t = 1000
+    ("txt2img", ["--ddim_steps", "ten"], "invalid int value"),
+    ("txt2img", ["--n_samples", "0"], "--n_samples 0"),
+    ("txt2img", ["--n_iter", "0"], "--n_iter 0"),
+    ("txt2img", ["--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0"),
+    ("txt2img", ["--plms", "--sampler", "ddim"], "--plms and --sampler ddim disagree"),
+    ("txt2img", ["--sampler", "euler_x"], "invalid choice"),
+    ("txt2img", ["--laion400m"], "--laion400m is not supported"),
+    ("txt2img", ["--dpm_solver"], "--dpm_solver is not supported"),
+    ("txt2img", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("txt2img", ["--seed", "-1"], "--seed -1"),
+    ("txt2img", ["--dtype", "int8"], "unknown dtype"),
+    ("txt2img", ["--from-file", "{tmp}/none.txt"], "none.txt: no such file"),
+    ("txt2img", ["--config", "{tmp}/none.yaml"], "none.yaml: no such file"),
+    ("img2img", ["--init-img", "{init}", "--strength", "1.5"], "--strength 1.5"),
+    ("img2img", ["--init-img", "{init}", "--strength", "-0.1"], "--strength -0.1"),
+    ("img2img", [], "--init-img is required"),
+    ("img2img", ["--init-img", "{tmp}/none.png"], "none.png: no such file"),
+    ("img2img", ["--init-img", "{tmp}/text.png"], "cannot be read as an image"),
+    ("img2img", ["--init-img", "{init}", "--H", "512"], "--H is not an img2img flag"),
+    ("img2img", ["--init-img", "{init}", "--fixed_code"], "--fixed_code has no effect in img2img"),
+]
+
+
+def assert_one_line_error(code: int, err: str, *expected: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for text in expected:
+        assert text in lines[0]
+
+
+@pytest.mark.parametrize("command, flags, message", BAD_FLAGS)
+def test_bad_flags_fail_before_loading(tmp_path, capsys, init_png, command, flags, message):
+    (tmp_path / "text.png").write_text("not an image")
+    flags = [f.format(tmp=tmp_path, init=init_png) for f in flags]
+    # a checkpoint that does not exist: the message must be about the flag, so the flag was checked first
+    code, out, err = run(capsys, command, flags + ["--ckpt", tmp_path / "missing.ckpt", "--outdir", tmp_path / "o"])
+    assert_one_line_error(code, err, message)
+    assert "missing.ckpt" not in err and "Loading model" not in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_checkpoint_says_where_to_get_one(tmp_path, capsys, monkeypatch):
+    code, _, err = run(capsys, "txt2img", ["--ckpt", tmp_path / "sd-v1-4.ckpt", "--outdir", tmp_path / "o"])
+    assert_one_line_error(code, err, "sd-v1-4.ckpt: no such file; download an official checkpoint",
+                          "huggingface.co/", "--ckpt")
+    monkeypatch.chdir(tmp_path)  # the original's default path, relative to where it runs
+    code, _, err = run(capsys, "img2img", ["--init-img", FIXTURES["sd1_tiny"] / "txt2img.png"])
+    assert_one_line_error(code, err, "models/ldm/stable-diffusion-v1/model.ckpt: no such file")
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_a_gpu(tmp_path, capsys):
+    code, _, err = run(capsys, "txt2img", ["--device", "cuda", "--ckpt", tmp_path / "missing.ckpt"])
+    assert_one_line_error(code, err, "--device cuda")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--f", "8"], "--f 8 does not match the model: its VAE downsamples by 2; pass --f 2"),
+    (["--C", "3"], "--C 3 does not match the model: its latents have 4 channels; pass --C 4"),
+])
+def test_flags_that_must_match_the_model(tmp_path, capsys, flags, message):
+    code, _, err = run(capsys, "txt2img", model_flags() + FAST + flags + ["--outdir", tmp_path])
+    assert_one_line_error(code, err, message)
+    assert listing(tmp_path) == []
+
+
+def test_help(capsys):
+    assert generate.main("txt2img", ["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--plms", "--from-file", "--fixed_code", "--ddim_eta", "--n_rows"))
+    assert generate.main("img2img", ["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--init-img" in text and "--strength" in text and "PLMS img2img works here" in text
+    commands = cli.build_parser().format_help()
+    assert "txt2img" in commands and "img2img" in commands
+
+
+# ---- the entry points ----------------------------------------------------------------------------------
+
+def test_entry_points_run_the_same_code(tmp_path, capsys):
+    argv = [str(a) for a in model_flags() + FAST + ["--n_samples", 1, "--n_iter", 1, "--skip_grid"]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"tool": [sys.executable, str(ROOT / "tools" / "txt2img.py")],
+            "module": [sys.executable, "-m", "ldm", "txt2img"]}
+    for name, cmd in runs.items():
+        done = subprocess.run(cmd + argv + ["--outdir", str(tmp_path / name)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Your samples are ready" in done.stdout
+    code, _, err = run(capsys, "txt2img", argv + ["--outdir", tmp_path / "inprocess"])
+    assert code == 0, err
+    reference = (tmp_path / "inprocess" / "samples" / "00000.png").read_bytes()
+    for name in runs:
+        assert (tmp_path / name / "samples" / "00000.png").read_bytes() == reference
