@@ -84,6 +84,9 @@ def resolve(device: Optional[str] = "auto", dtype: Optional[str] = None,
     if dev.type == "cpu" and want == torch.float16:
         want = torch.bfloat16 if cpu_has_bf16() else torch.float32
         notes.append(f"float16 is not supported for CPU convolutions; using {str(want).replace('torch.', '')} instead")
+    elif dev.type == "cpu" and want == torch.bfloat16 and not cpu_has_bf16():
+        notes.append("this CPU has no native bfloat16 (AVX-512 BF16, AMX or ARM BF16): bfloat16 runs emulated, "
+                     "far slower than float32")
     if dev.type == "mps" and want == torch.bfloat16:
         want = torch.float16
         notes.append("bfloat16 is not supported on MPS; using float16 instead")

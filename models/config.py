@@ -19,7 +19,7 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a transformer
-    num_heads: int = 8  # used when num_head_channels == -1
+    num_heads: int = -1  # used when num_head_channels == -1 (SD 1.x: 8)
     num_head_channels: int = -1  # SD 2.x: 64, heads = channels // 64
     transformer_depth: int = 1
     context_dim: int = 768
@@ -118,7 +118,7 @@ TEXT_BY_NAME: dict[str, TextConfig] = {
     "oracle-tiny-text": OpenCLIPTextConfig(width=32, layers=2, heads=2, embed_dim=32),
 }
 
-_SD1_UNET = UNetConfig()
+_SD1_UNET = UNetConfig(num_heads=8)
 _SD2_UNET = replace(_SD1_UNET, num_heads=-1, num_head_channels=64, context_dim=1024,
                     use_linear_in_transformer=True)
 _VAE = VAEConfig()
