@@ -13,7 +13,8 @@ from .device import DeviceError
 
 USER_ERRORS = (CheckpointError, ConfigError, DeviceError)
 GENERATE = {"txt2img": "images from a text prompt (the original scripts/txt2img.py flags)",
-            "img2img": "variations of an input image (the original scripts/img2img.py flags)"}
+            "img2img": "variations of an input image (the original scripts/img2img.py flags)",
+            "steps": "watch an image form: a filmstrip and a GIF of the predicted x0 (txt2img flags + --every)"}
 
 
 def _inspect(args) -> int:
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "steps":
+        from .filmstrip import main as steps
+        return steps(argv[1:])
     if argv and argv[0] in GENERATE:
         from .generate import main as generate  # the same code as tools/txt2img.py and tools/img2img.py
         return generate(argv[0], argv[1:])

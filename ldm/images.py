@@ -64,19 +64,13 @@ def next_index(folder: Path, pattern=IMAGE_PATTERN) -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_png(image: np.ndarray, folder: Path, *, parameters: str, settings: dict,
-             prefix: str = "", digits: int = 5) -> Path:
-    """Write `folder/<prefix><number>.png` with A1111 `parameters` and our `ldm` JSON; never overwrites."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"save_png takes a (H, W, 3) uint8 array, got {image.dtype} {tuple(image.shape)}")
+def _write_numbered(folder: Path, prefix: str, digits: int, ext: str, write) -> Path:
+    """Create `folder/<prefix><number>.<ext>` exclusively, numbered on from what is there; never overwrites."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    info.add_text("parameters", parameters)  # Pillow falls back to iTXt when the text is not latin-1
-    info.add_text("ldm", json.dumps(settings, sort_keys=True))
-    n = next_index(folder, re.escape(prefix) + IMAGE_PATTERN)
+    n = next_index(folder, re.escape(prefix) + r"(\d+)\." + ext)
     while True:
-        path = folder / f"{prefix}{n:0{digits}d}.png"
+        path = folder / f"{prefix}{n:0{digits}d}.{ext}"
         try:
             f = open(path, "xb")  # exclusive creation: another process may have taken the number meanwhile
         except FileExistsError:
@@ -84,11 +78,35 @@ def save_png(image: np.ndarray, folder: Path, *, parameters: str, settings: dict
             continue
         try:
             with f:
-                Image.fromarray(image).save(f, format="PNG", pnginfo=info)
+                write(f)
         except BaseException:
             path.unlink(missing_ok=True)  # a half-written file would hold the number and look like an image
             raise
         return path
+
+
+def _png_info(parameters: str, settings: dict) -> PngInfo:
+    info = PngInfo()
+    info.add_text("parameters", parameters)  # Pillow falls back to iTXt when the text is not latin-1
+    info.add_text("ldm", json.dumps(settings, sort_keys=True))
+    return info
+
+
+def save_png(image: np.ndarray, folder: Path, *, parameters: str, settings: dict,
+             prefix: str = "", digits: int = 5) -> Path:
+    """Write `folder/<prefix><number>.png` with A1111 `parameters` and our `ldm` JSON; never overwrites."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"save_png takes a (H, W, 3) uint8 array, got {image.dtype} {tuple(image.shape)}")
+    info = _png_info(parameters, settings)
+    return _write_numbered(folder, prefix, digits, "png",
+                           lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=info))
+
+
+def save_gif(frames: list, folder: Path, *, prefix: str = "", digits: int = 4, ms_per_frame: int = 200) -> Path:
+    """An animated GIF of (H, W, 3) uint8 frames, looping; numbered and never overwriting like save_png."""
+    images = [Image.fromarray(frame) for frame in frames]
+    return _write_numbered(folder, prefix, digits, "gif", lambda f: images[0].save(
+        f, format="GIF", save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0))
 
 
 def _quote(value) -> str:

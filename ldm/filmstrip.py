@@ -1,0 +1,83 @@
+"""`python -m ldm steps`: watch an image form. txt2img's flags plus `--every K`.
+
+Writes, for the first batch of the first iteration:
+- `steps-NNNN.png`, a filmstrip: for each sample, a row of the predicted x0 every K steps decoded by the
+  VAE, and under it the same latents through the cheap linear latent->RGB preview (ldm/preview.py,
+  fitted on these very decodes: its RMS error is printed and stored in the PNG);
+- `steps-NNNN.gif`, the decoded predictions of sample 0 as an animation.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from . import pipeline
+from .generate import UsageError, build_parser, check_model, validate
+from .images import make_grid, save_gif, save_png, to_uint8
+from .loading import load
+from .preview import fit_latent_rgb
+
+
+def filmstrip_latents(steps, every: int):
+    """(step indices, pred_x0 latents (S, B, C, h, w)) for every `every`-th step and the last one."""
+    kept, latents = [], []
+    for step in steps:
+        if step.index % every == 0 or step.index == step.total - 1:
+            kept.append(step.index)
+            latents.append(step.pred_x0.float().cpu())
+    return kept, torch.stack(latents)
+
+
+def run(args) -> int:
+    if args.every < 1:
+        raise UsageError(f"--every {args.every}: must be at least 1")
+    plan = validate("txt2img", args)
+    model = load(plan["ckpt"], config=args.config, device=plan["placement"], ema=args.ema, prediction=args.prediction)
+    check_model(model, args)
+    for note in model.notes:
+        print(f"note: {note}")
+    prompts = plan["data"][0]
+    generator = torch.Generator().manual_seed(args.seed)
+    steps = pipeline.txt2img_steps(model, prompts, negative_prompt=args.negative_prompt, n_samples=len(prompts),
+                                   height=args.H, width=args.W, steps=args.ddim_steps, sampler=plan["sampler"],
+                                   scale=args.scale, eta=args.ddim_eta, generator=generator)
+    kept, latents = filmstrip_latents(steps, args.every)
+    s, b = latents.shape[:2]
+    flat = latents.flatten(0, 1)  # (S*B, C, h, w), step-major
+    decoded = torch.cat([pipeline.decode(model, z[None]) for z in flat])
+    fit = fit_latent_rgb(flat, decoded)
+    previews = fit(flat, scale=decoded.shape[-1] // flat.shape[-1])
+    decoded_u8 = to_uint8(decoded).reshape(s, b, *decoded.shape[2:], 3)
+    preview_u8 = to_uint8(previews).reshape(s, b, *decoded.shape[2:], 3)
+    rows = [row for i in range(b) for row in (decoded_u8[:, i], preview_u8[:, i])]
+    strip = make_grid(np.concatenate(rows), n_rows=s)
+    settings = {"command": "steps", "prompt": prompts[0], "negative_prompt": args.negative_prompt,
+                "seed": args.seed, "sampler": plan["sampler"], "steps": args.ddim_steps, "scale": args.scale,
+                "eta": args.ddim_eta, "H": args.H, "W": args.W, "every": args.every, "shown_steps": kept,
+                "ckpt": str(args.ckpt), "preview_fit_rms": fit.rms,
+                "preview_weight": fit.weight.tolist(), "preview_bias": fit.bias.tolist()}
+    png = save_png(strip, args.outdir, parameters=f"{prompts[0]}\nSteps: {args.ddim_steps}, Seed: {args.seed}",
+                   settings=settings, prefix="steps-", digits=4)
+    gif = save_gif(list(decoded_u8[:, 0]), args.outdir, prefix="steps-")
+    print(f"steps shown: {kept}")
+    print(f"linear preview fitted on these {len(flat)} decodes: RMS error {fit.rms:.3f} (images in [-1, 1])")
+    print(f"wrote {png} and {gif}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .cli import USER_ERRORS
+
+    parser = build_parser("txt2img", prog="python -m ldm steps")
+    parser.add_argument("--every", type=int, default=1, help="show every K-th step (and the last)")
+    parser.set_defaults(outdir="outputs/steps", n_samples=1, n_iter=1)
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        return run(args)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except (ValueError, OSError, *USER_ERRORS) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
