@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import pipeline
-from .generate import UsageError, build_parser, check_model, validate
+from .options import UsageError, build_parser, check_model, validate
 from .images import make_grid, save_gif, save_png, to_uint8
 from .loading import load
 from .preview import fit_latent_rgb

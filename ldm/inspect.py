@@ -7,7 +7,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
 
 from weights import detect_family, read_checkpoint, schedule_buffers, split_components
 

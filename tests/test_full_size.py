@@ -1,6 +1,5 @@
 """Full-size random checkpoints through the real entry points (slow: minutes, GBs of RAM)."""
 import os
-import re
 import subprocess
 import sys
 import time

@@ -1,5 +1,4 @@
 """Watching an image form: the linear latent preview and the `python -m ldm steps` filmstrip."""
-import json
 
 import torch
 from PIL import Image

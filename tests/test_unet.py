@@ -1,5 +1,4 @@
 """UNet: official layouts, the original implementation's outputs, and diffusers as a second oracle."""
-import copy
 from dataclasses import replace
 
 import pytest

@@ -1,0 +1,213 @@
+"""The flags of the original scripts/txt2img.py and scripts/img2img.py, and every check that can be made
+before any weights are read: each failure is one line that says what to do (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from itertools import islice
+from pathlib import Path
+from typing import Optional
+
+from samplers import SAMPLERS
+from samplers.schedule import ddim_timesteps
+
+from .device import resolve
+from .images import load_image
+from .loading import LatentDiffusion
+
+COMMANDS = ("txt2img", "img2img")
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+GET_A_CHECKPOINT = ("download an official checkpoint (e.g. v1-5-pruned-emaonly.safetensors from "
+                    "huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5) and pass it with --ckpt")
+SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS"}  # as A1111 writes them in its infotext
+TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
+# Flags of the original scripts (CompVis and Stability-AI) that have no counterpart here.
+UNSUPPORTED = {
+    "laion400m": "--laion400m is not supported: the LAION-400M model is a latent-diffusion checkpoint, "
+                 "not Stable Diffusion",
+    "dpm_solver": "--dpm_solver is not supported yet; use --sampler ddim or --sampler plms",
+    "dpm": "--dpm is not supported yet; use --sampler ddim or --sampler plms",
+    "torchscript": "--torchscript is not supported; drop it (the networks run as plain PyTorch modules)",
+    "ipex": "--ipex is not supported; drop it (use --dtype bfloat16 for bfloat16 on the CPU)",
+}
+IMG2IMG_UNSUPPORTED = {
+    "H": "--H is not an img2img flag: the size comes from --init-img (cut to multiples of 32); resize the "
+         "image instead",
+    "W": "--W is not an img2img flag: the size comes from --init-img (cut to multiples of 32); resize the "
+         "image instead",
+    "fixed_code": "--fixed_code has no effect in img2img: it starts from the init image (the original "
+                  "accepts the flag and ignores it); drop it",
+}
+
+
+class UsageError(ValueError):
+    """A flag or input the user can fix; the message is one line and says what to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage plus a line and exits; we want the one line
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+    img = command == "img2img"
+    p = _Parser(prog=prog or f"python -m ldm {command}",
+                description="make variations of an input image" if img else "images from a text prompt",
+                epilog=f"Flags follow the original scripts/{command}.py. Not supported here: "
+                       + ", ".join(f"--{flag}" for flag in [*UNSUPPORTED, *(IMG2IMG_UNSUPPORTED if img else ())])
+                       + ".")
+    a = p.add_argument
+    a("--prompt", default=DEFAULT_PROMPT, help="the prompt to render")
+    a("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
+      help="what to steer away from: replaces the empty prompt of classifier-free guidance")
+    if img:
+        a("--init-img", "--init_img", dest="init_img", help="path to the input image (cut to multiples of 32)")
+        a("--strength", type=float, default=0.75,
+          help="how much to noise the init image: 0 keeps it, 1.0 destroys it (t_enc = int(strength * steps))")
+    a("--outdir", default=f"outputs/{command}-samples", help="folder to write results to")
+    a("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    a("--skip_save", action="store_true", help="do not save individual samples")
+    a("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50, help="number of sampling steps")
+    a("--sampler", choices=sorted(SAMPLERS), default=None,
+      help="sampler (default ddim)" + ("; PLMS img2img works here, the original refuses it" if img else ""))
+    a("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)"
+                                          + ("; supported for img2img here" if img else ""))
+    a("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0: deterministic sampling)")
+    a("--n_iter", type=int, default=1 if img else 2, help="sample this often")
+    # img2img takes its size from the init image; the flags are kept only to say so
+    a("--H", type=int, default=None if img else 512, help=argparse.SUPPRESS if img else "image height, in pixel space")
+    a("--W", type=int, default=None if img else 512, help=argparse.SUPPRESS if img else "image width, in pixel space")
+    a("--C", type=int, default=4, help="latent channels (must match the model)")
+    a("--f", type=int, default=8, help="downsampling factor of the VAE (must match the model)")
+    a("--n_samples", type=int, default=2 if img else 3,
+      help="how many samples to produce for each given prompt, a.k.a. batch size")
+    a("--n_rows", type=int, default=0,
+      help="images per grid row (torchvision's nrow; default: n_samples)")
+    a("--scale", type=float, default=5.0 if img else 7.5,
+      help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
+    a("--from-file", "--from_file", dest="from_file",
+      help="read prompts from this file, one per line, batched by n_samples")
+    a("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
+    a("--config", default=None,
+      help="the original YAML config (default: one beside the checkpoint, else detected from its keys)")
+    a("--ckpt", default=DEFAULT_CKPT, help="checkpoint of the model (.ckpt or .safetensors)")
+    a("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    a("--precision", choices=["full", "autocast"], default="autocast",
+      help="full: float32; autocast: float16 on an accelerator, float32 on the CPU")
+    a("--fixed_code", action="store_true",
+      help=argparse.SUPPRESS if img else "use the same starting code for every batch")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    a("--dtype", default=None, help="float32, float16 or bfloat16 (wins over --precision)")
+    a("--bf16", action="store_true", help="same as --dtype bfloat16")
+    a("--prediction", choices=["eps", "v"], default=None,
+      help="what the UNet predicts (default: from the config; SD 2 768-v models predict v)")
+    a("--ema", action="store_true", help="use the EMA weights of the UNet (full training checkpoints)")
+    for flag in UNSUPPORTED:
+        a(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------- checks before any weights are read
+
+def _nearest_multiples(value: int, m: int) -> str:
+    low = value - value % m
+    return f"use {low} or {low + m}" if low > 0 else f"use {m}"
+
+
+def _read_prompts(args) -> list[list[str]]:
+    """Batches of prompts, as the original: one batch of n_samples copies, or the file's lines in chunks."""
+    if not args.from_file:
+        return [args.n_samples * [args.prompt]]
+    path = Path(args.from_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file; --from-file takes a text file with one prompt per line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}); --from-file takes a "
+                         "text file with one prompt per line") from None
+    if not lines:
+        raise UsageError(f"{path}: has no prompts; write one prompt per line")
+    lines = [line for line in lines for _ in range(args.repeat)]
+    it = iter(lines)
+    # the last batch may be short; the original crashes there, we run it at its own size
+    return [list(batch) for batch in iter(lambda: tuple(islice(it, args.n_samples)), ())]
+
+
+def validate(command: str, args) -> dict:
+    """Check every flag and input file; return what the run needs. Reads no weights."""
+    img = command == "img2img"
+    for flag, message in UNSUPPORTED.items():
+        if getattr(args, flag):
+            raise UsageError(message)
+    if img:
+        for flag, message in IMG2IMG_UNSUPPORTED.items():
+            if getattr(args, flag) not in (None, False):
+                raise UsageError(message)
+    sampler = args.sampler or ("plms" if args.plms else "ddim")
+    if args.plms and sampler != "plms":
+        raise UsageError(f"--plms and --sampler {sampler} disagree; pass one of them")
+    if args.prompt is None and not args.from_file:
+        raise UsageError("--prompt needs a text (or use --from-file)")
+    if not img:
+        for flag in ("H", "W"):
+            value = getattr(args, flag)
+            if value < 8 or value % 8:
+                raise UsageError(f"--{flag} {value} is not a multiple of 8; {_nearest_multiples(value, 8)}")
+    if args.ddim_steps < 1 or args.ddim_steps > 1000:
+        raise UsageError(f"--ddim_steps {args.ddim_steps}: must be in 1..1000")
+    try:
+        ddim_timesteps(args.ddim_steps)
+    except ValueError as e:
+        raise UsageError(f"--ddim_steps {args.ddim_steps}: {e}") from None
+    for flag in ("n_samples", "n_iter", "repeat", "C", "f"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.n_rows < 0:
+        raise UsageError(f"--n_rows {args.n_rows}: must be 0 (n_samples per row) or more")
+    if args.ddim_eta < 0:
+        raise UsageError(f"--ddim_eta {args.ddim_eta}: must be 0 or more")
+    if sampler == "plms" and args.ddim_eta != 0:
+        raise UsageError(f"PLMS is deterministic: --ddim_eta must be 0 with it, got {args.ddim_eta}")
+    if not 0 <= args.seed < 2 ** 64:
+        raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 64 - 1}")
+    if img and not 0.0 <= args.strength <= 1.0:
+        raise UsageError(f"--strength {args.strength}: must be in [0.0, 1.0] (1.0 destroys the init image)")
+    data = _read_prompts(args)
+    init = None
+    if img:
+        if not args.init_img:
+            raise UsageError("--init-img is required: the image to start from")
+        image, note = load_image(args.init_img, multiple=32)
+        init = {"image": image, "note": note, "sha256": hashlib.sha256(Path(args.init_img).read_bytes()).hexdigest()}
+    placement = resolve(args.device, "bfloat16" if args.bf16 and args.dtype is None else args.dtype,
+                        args.precision)
+    if args.config is not None and not Path(args.config).is_file():
+        raise UsageError(f"{args.config}: no such file; --config takes the original YAML (v1-inference.yaml), "
+                         "or leave it out to detect the model from the checkpoint")
+    ckpt = Path(args.ckpt)
+    if ckpt.is_dir():
+        raise UsageError(f"{ckpt}: is a folder; {GET_A_CHECKPOINT}")
+    if not ckpt.is_file():
+        raise UsageError(f"{ckpt}: no such file; {GET_A_CHECKPOINT}")
+    outdir = Path(args.outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"{outdir}: is a file; --outdir takes a folder")
+    return {"sampler": sampler, "data": data, "init": init, "placement": placement, "ckpt": ckpt}
+
+
+def check_model(model: LatentDiffusion, args) -> None:
+    """The flags that must agree with the loaded model."""
+    if model.family not in TEXT_TO_IMAGE_FAMILIES:
+        raise UsageError(f"{Path(args.ckpt).name} is a {model.family} checkpoint; txt2img and img2img need a "
+                         "text-to-image model (SD 1.x or SD 2.x)")
+    f, channels = model.config.vae.downsampling_factor, model.config.vae.embed_dim
+    if args.f != f:
+        raise UsageError(f"--f {args.f} does not match the model: its VAE downsamples by {f}; pass --f {f}")
+    if args.C != channels:
+        raise UsageError(f"--C {args.C} does not match the model: its latents have {channels} channels; "
+                         f"pass --C {channels}")
