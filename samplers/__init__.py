@@ -1,21 +1,62 @@
-"""Samplers: generators of `Step`s over a `denoise(x, t) -> (eps, pred_x0)` callable. torch only.
+"""Samplers: generators of `Step`s over a denoiser. torch only: a sampler never sees a model.
 
-Every sampler in `SAMPLERS` has the signature
-    steps(denoise, x, alphas_cumprod, num_steps, *, eta=0.0, generator=None, t_start=None) -> Iterator[Step]
-and `drain(steps, x)` runs one to its end.
+Two spaces (Karras et al. 2022 show they are the same ODE/SDE, scaled):
+    alpha space   x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε at training timesteps t; `denoise(x, t) -> (eps, pred_x0)`
+                  (`make_denoiser`): DDIM, PLMS, DDPM. Each has the signature
+                  steps(denoise, x, alphas_cumprod, num_steps, *, generator=None, t_start=None, ...) and
+                  DDIM/PLMS are in `SAMPLERS` with `eta=` too, as the pipeline calls them.
+    sigma space   x_σ = x0 + σ ε = x_t / √ᾱ_t at σ = √((1-ᾱ)/ᾱ); `denoise(x, sigma) -> (eps, pred_x0)`
+                  (`make_sigma_denoiser`, k-diffusion's CompVisDenoiser): Euler, Euler a, Heun, DPM2,
+                  DPM2 a, LMS, DPM++ 2M, DPM++ 2S a, DPM++ SDE. Each has the signature
+                  steps(denoise, x, sigmas, *, generator=None, ...) with `sigmas` = `get_sigmas(...)`
+                  (n + 1 levels ending in 0) and x already at sigmas[0].
+`registry.resolve_sampler(name)` gives either behind one call shape (`SamplerSpec.steps`), by
+registry name or A1111 label. `drain(steps, x)` runs any of them to its end.
+
+Notation (variable -> symbol):
+    alphas_cumprod, alpha   ᾱ_t                      t, t_next      training timesteps (alpha space)
+    sigma, sigma_next       σ_i, σ_{i+1}              sigmas         σ_0 > ... > σ_n = 0
+    sigma_hat               σ̂ = σ (1 + γ) (churn)     sigma_down/up  σ_down, σ_up of an ancestral step
+    eps                     ε̂                         pred_x0, x0    x̂0 = D(x; σ), the denoised estimate
+    d                       dx/dσ = (x - x̂0)/σ        h, lam         λ = -log σ, h = λ_{i+1} - λ_i
+    eta                     η: 0 deterministic, 1 ancestral (DDPM-like) noise
+    s_churn, s_noise, s_tmin, s_tmax   S_churn, S_noise, S_tmin, S_tmax of Karras et al. 2022 Alg. 2
+Papers: DDIM, Song et al. 2021 (eq. 12, 16); DDPM, Ho et al. 2020 (Alg. 2, eq. 6-7); PLMS, Liu et al. 2022
+(PNDM, eq. 11-12); Euler/Heun/churn, Karras et al. 2022 (Alg. 1-2, eq. 5 for the "karras" schedule);
+DPM2, Lu et al. 2022 (DPM-Solver, Alg. 1); DPM++, Lu et al. 2022 (DPM-Solver++, Alg. 1-2).
 """
-from .ddim import ddim_sample, ddim_steps, ddim_update, noise_like, stochastic_encode
-from .denoiser import Denoise, append_dims, make_denoiser, pred_x0_from_eps
+from .ddim import ddim_sample, ddim_steps, ddim_update, stochastic_encode
+from .ddpm import ddpm_sample, ddpm_steps, ddpm_update
+from .denoiser import (Denoise, Guided, SigmaDenoise, append_dims, make_denoiser, make_guided, make_sigma_denoiser,
+                       pred_x0_from_eps)
+from .dpm2 import dpm2_ancestral_steps, dpm2_steps
+from .dpmpp import dpmpp_2m_steps, dpmpp_2s_ancestral_steps, dpmpp_sde_steps
+from .euler import euler_ancestral_steps, euler_steps
+from .heun import heun_steps
+from .lms import lms_coefficient, lms_steps
+from .noise import BrownianNoise, Generators, noise_like, randn
 from .plms import plms_sample, plms_steps
+from .registry import REGISTRY, SamplerSpec, available, register, resolve_sampler
 from .schedule import (SD_LINEAR, UPSCALER_LINEAR, DDIMSchedule, alphas_cumprod_from, ddim_schedule,
                        ddim_timesteps, linear_alphas_cumprod)
-from .step import Step, drain
+from .sigmas import get_ancestral_step, get_sigmas, model_sigmas, sigma_to_t, t_to_sigma, to_d
+from .step import Step, drain, sigma_loop
 
+# The alpha-space samplers as the pipeline calls them: steps(denoise, x, alphas_cumprod, num_steps,
+# eta=, generator=, t_start=). Every sampler is in `REGISTRY` (see `resolve_sampler`).
 SAMPLERS = {"ddim": ddim_steps, "plms": plms_steps}
 
 __all__ = [
-    "SAMPLERS", "Step", "drain", "Denoise", "make_denoiser", "append_dims", "pred_x0_from_eps",
-    "ddim_steps", "ddim_sample", "ddim_update", "noise_like", "stochastic_encode", "plms_steps", "plms_sample",
+    "SAMPLERS", "REGISTRY", "SamplerSpec", "available", "register", "resolve_sampler",
+    "Step", "drain", "sigma_loop",
+    "Denoise", "SigmaDenoise", "Guided", "make_guided", "make_denoiser", "make_sigma_denoiser", "append_dims",
+    "pred_x0_from_eps",
+    "noise_like", "randn", "BrownianNoise", "Generators",
+    "ddim_steps", "ddim_sample", "ddim_update", "stochastic_encode", "plms_steps", "plms_sample",
+    "ddpm_steps", "ddpm_sample", "ddpm_update",
+    "euler_steps", "euler_ancestral_steps", "heun_steps", "dpm2_steps", "dpm2_ancestral_steps", "lms_steps",
+    "lms_coefficient", "dpmpp_2m_steps", "dpmpp_2s_ancestral_steps", "dpmpp_sde_steps",
+    "get_sigmas", "model_sigmas", "sigma_to_t", "t_to_sigma", "to_d", "get_ancestral_step",
     "DDIMSchedule", "ddim_schedule", "ddim_timesteps", "linear_alphas_cumprod", "alphas_cumprod_from",
     "SD_LINEAR", "UPSCALER_LINEAR",
 ]

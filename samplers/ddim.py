@@ -13,16 +13,9 @@ from collections.abc import Iterator
 import torch
 
 from .denoiser import Denoise
+from .noise import Generators, noise_like
 from .schedule import ddim_schedule
 from .step import Step, drain
-
-
-def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise of x's shape, drawn in float32 on the generator's device (the CPU one
-    by default, so a seed gives the same noise on every device) and moved to x's device.
-    generator=None draws from torch's global RNG, as the original's `noise_like` did."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32, device=device).to(x.device)
 
 
 def ddim_update(pred_x0: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor, sigma: torch.Tensor,
@@ -41,7 +34,7 @@ def _check_t_start(t_start: int | None, n: int) -> int:
 
 
 def ddim_steps(denoise: Denoise, x: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int, *,
-               eta: float = 0.0, generator: torch.Generator | None = None,
+               eta: float = 0.0, generator: Generators = None,
                t_start: int | None = None) -> Iterator[Step]:
     """Yield one `Step` per DDIM step, from x at the top of the schedule down to t = 0.
 
@@ -71,7 +64,7 @@ def ddim_sample(denoise: Denoise, x: torch.Tensor, alphas_cumprod: torch.Tensor,
 
 def stochastic_encode(x0: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int, t_enc: int,
                       noise: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: Generators = None) -> torch.Tensor:
     """Noise a clean latent to DDIM step `t_enc`: √ᾱ x0 + √(1-ᾱ) z with ᾱ = ddim alphas[t_enc].
 
     As the original `DDIMSampler.stochastic_encode(x0, t_enc)` (use_original_steps=False). Note

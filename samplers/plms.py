@@ -16,8 +16,9 @@ from collections.abc import Iterator
 
 import torch
 
-from .ddim import _check_t_start, ddim_update, noise_like
+from .ddim import _check_t_start, ddim_update
 from .denoiser import Denoise, pred_x0_from_eps
+from .noise import Generators, noise_like
 from .schedule import ddim_schedule
 from .step import Step, drain
 
@@ -32,7 +33,7 @@ def _multistep(eps: torch.Tensor, old: list[torch.Tensor]) -> torch.Tensor:
 
 
 def plms_steps(denoise: Denoise, x: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int, *,
-               eta: float = 0.0, generator: torch.Generator | None = None,
+               eta: float = 0.0, generator: Generators = None,
                t_start: int | None = None) -> Iterator[Step]:
     """Yield one `Step` per PLMS step (the first one makes two UNet calls, the others one).
 
