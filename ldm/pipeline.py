@@ -2,11 +2,17 @@
 
 Each pipeline comes in two forms: `*_steps(...)` yields the sampler's `Step`s (look at `x`, `eps`,
 `pred_x0` at any step, `break`, or replace `step.x_next`), and `txt2img(...)`/`img2img(...)` run
-them to the end and decode. Randomness comes from one CPU `torch.Generator` in the original
-scripts' order, so a seed gives the same image on every device and, on the CPU, the original's noise:
+them to the end and decode. `sampler` is any name of `samplers.registry` ("ddim", "plms", "euler_a",
+"DPM++ 2M Karras", ...); `schedule` picks the sigma schedule of the k-diffusion ones.
+
+Randomness comes from CPU `torch.Generator`s, so a seed gives the same image on every device, drawn in
+the original scripts' order:
     txt2img: per iteration, x_T (unless a fixed x_T is given), then the sampler's per-step noise;
     img2img: once, the posterior sample of the init image; per iteration, the stochastic-encode
              noise, then the sampler's per-step noise.
+`seed_mode="original"` draws the whole batch from one generator (on the CPU: the original's noise);
+`"per-sample"` gives image i its own generator seeded `seed + i` for all of its draws, so image i is
+the same whether it is made alone or in a batch.
 """
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ from typing import Optional, Union
 
 import torch
 
-from samplers import SAMPLERS, Step, drain, make_denoiser, noise_like, stochastic_encode
+from samplers import Step, drain
+from samplers.noise import Generators, noise_like, randn
+from samplers.registry import SamplerSpec, resolve_sampler
 
 from .loading import LatentDiffusion
 
@@ -42,11 +50,24 @@ def decode(model: LatentDiffusion, latents: torch.Tensor) -> torch.Tensor:
     return model.vae.decode(z).float()
 
 
+SEED_MODES = ("original", "per-sample")
+
+
+def make_generators(seed: int, n: int, seed_mode: str = "original") -> Generators:
+    """One CPU generator for the batch ("original"), or n of them seeded seed, seed+1, ... ("per-sample")."""
+    if seed_mode == "original":
+        return torch.Generator().manual_seed(seed)
+    if seed_mode == "per-sample":
+        return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    raise ValueError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {seed_mode!r}")
+
+
 @torch.no_grad()
-def encode_image(model: LatentDiffusion, images: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def encode_image(model: LatentDiffusion, images: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents, sampling the posterior as the original (one noise draw)."""
     posterior = model.vae.encode(images.to(model.placement.device, model.placement.dtype))
-    return (model.scale_factor * posterior.sample(generator)).float()
+    mean, std = posterior.mean.float(), posterior.std.float()
+    return model.scale_factor * (mean + std * randn(mean.shape, generator, mean.device))
 
 
 def latent_shape(model: LatentDiffusion, n: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -54,27 +75,38 @@ def latent_shape(model: LatentDiffusion, n: int, height: int, width: int) -> tup
     return (n, model.config.vae.embed_dim, height // f, width // f)
 
 
-def _denoiser(model: LatentDiffusion, prompts: list[str], negative: list[str], scale: float):
+def _denoiser(model: LatentDiffusion, spec: SamplerSpec, prompts: list[str], negative: list[str], scale: float):
     if model.parameterization is None:
         raise ValueError("the model's prediction type (eps or v) is not known; load it with prediction=\"eps\" or \"v\"")
     cond = encode_text(model, prompts)
     # The original encodes the empty string for the unconditional half, never zeros.
     uncond = encode_text(model, negative) if scale != 1.0 else None
-    return make_denoiser(model.unet, cond, uncond, scale, model.parameterization, model.alphas_cumprod,
-                         dtype=model.placement.dtype)
+    return spec.make_denoiser(model.unet, cond, uncond, scale, model.parameterization, model.alphas_cumprod,
+                              dtype=model.placement.dtype)
+
+
+def _options(spec: SamplerSpec, eta: float) -> dict:
+    if spec.takes("eta"):
+        return {"eta": eta}
+    if eta:
+        raise ValueError(f"the {spec.name} sampler takes no eta (got {eta}); leave it at 0")
+    return {}
 
 
 @torch.no_grad()
 def txt2img_steps(model: LatentDiffusion, prompt: Prompts, *, negative_prompt: Prompts = "", n_samples: int = 1,
                   height: int = 512, width: int = 512, steps: int = 50, sampler: str = "plms",
-                  scale: float = 7.5, eta: float = 0.0, generator: Optional[torch.Generator] = None,
-                  x_T: Optional[torch.Tensor] = None) -> Iterator[Step]:
-    """The sampler's steps for one batch of `n_samples` images; the last `x_next` is the latent."""
-    denoise = _denoiser(model, _batch(prompt, n_samples), _batch(negative_prompt, n_samples), scale)
-    device = model.placement.device
+                  schedule: Optional[str] = None, scale: float = 7.5, eta: float = 0.0,
+                  generator: Generators = None, x_T: Optional[torch.Tensor] = None) -> Iterator[Step]:
+    """The sampler's steps for one batch of `n_samples` images; the last `x_next` is the latent.
+    x_T: unit-variance starting noise (drawn from `generator` when not given)."""
+    spec = resolve_sampler(sampler, schedule)
+    options = _options(spec, eta)
+    denoise = _denoiser(model, spec, _batch(prompt, n_samples), _batch(negative_prompt, n_samples), scale)
     if x_T is None:
-        x_T = torch.randn(latent_shape(model, n_samples, height, width), generator=generator, dtype=torch.float32)
-    yield from SAMPLERS[sampler](denoise, x_T.to(device), model.alphas_cumprod, steps, eta=eta, generator=generator)
+        x_T = randn(latent_shape(model, n_samples, height, width), generator)
+    yield from spec.steps(denoise, x_T.to(model.placement.device), model.alphas_cumprod, steps,
+                          generator=generator, **options)
 
 
 def strength_to_steps(strength: float, steps: int) -> int:
@@ -85,33 +117,34 @@ def strength_to_steps(strength: float, steps: int) -> int:
 
 @torch.no_grad()
 def img2img_steps(model: LatentDiffusion, init_latent: torch.Tensor, prompt: Prompts, *, strength: float = 0.8,
-                  negative_prompt: Prompts = "", steps: int = 50, sampler: str = "ddim", scale: float = 7.5,
-                  eta: float = 0.0, generator: Optional[torch.Generator] = None) -> Iterator[Step]:
+                  negative_prompt: Prompts = "", steps: int = 50, sampler: str = "ddim",
+                  schedule: Optional[str] = None, scale: float = 7.5, eta: float = 0.0,
+                  generator: Generators = None) -> Iterator[Step]:
     """Noise `init_latent` (scaled, from `encode_image`) to `t_enc = int(strength * steps)` and denoise
     from there, as the original img2img: the last `t_enc` steps of the `steps`-step schedule.
 
     strength 1.0 (t_enc = steps) starts from the top of the schedule; the original crashes there
     (it indexes one past its DDIM table)."""
+    spec = resolve_sampler(sampler, schedule)
+    options = _options(spec, eta)
     t_enc = strength_to_steps(strength, steps)
     n = init_latent.shape[0]
-    denoise = _denoiser(model, _batch(prompt, n), _batch(negative_prompt, n), scale)
+    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale)
     x0 = init_latent.to(model.placement.device)
-    noise = noise_like(x0, generator)
-    z = stochastic_encode(x0, model.alphas_cumprod, steps, min(t_enc, steps - 1), noise=noise)
-    yield from SAMPLERS[sampler](denoise, z, model.alphas_cumprod, steps, eta=eta, generator=generator,
-                                 t_start=t_enc)
+    yield from spec.steps(denoise, noise_like(x0, generator), model.alphas_cumprod, steps, x0=x0, t_start=t_enc,
+                          generator=generator, **options)
 
 
 def txt2img(model: LatentDiffusion, prompt: Prompts, *, seed: int = 42, n_iter: int = 1,
             fixed_code: bool = False, n_samples: int = 1, height: int = 512, width: int = 512,
-            **kwargs) -> list[torch.Tensor]:
+            seed_mode: str = "original", **kwargs) -> list[torch.Tensor]:
     """`n_iter` batches of `n_samples` images in [-1, 1], seeded as the original txt2img.py."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = make_generators(seed, n_samples, seed_mode)
     shape = latent_shape(model, n_samples, height, width)
-    x_T = torch.randn(shape, generator=generator, dtype=torch.float32) if fixed_code else None
+    x_T = randn(shape, generator) if fixed_code else None
     out = []
     for _ in range(n_iter):
-        x = x_T if x_T is not None else torch.randn(shape, generator=generator, dtype=torch.float32)
+        x = x_T if x_T is not None else randn(shape, generator)
         steps = txt2img_steps(model, prompt, n_samples=n_samples, height=height, width=width,
                               generator=generator, x_T=x, **kwargs)
         out.append(decode(model, drain(steps, x)))
@@ -119,9 +152,9 @@ def txt2img(model: LatentDiffusion, prompt: Prompts, *, seed: int = 42, n_iter: 
 
 
 def img2img(model: LatentDiffusion, init_image: torch.Tensor, prompt: Prompts, *, seed: int = 42,
-            n_iter: int = 1, n_samples: int = 1, **kwargs) -> list[torch.Tensor]:
+            n_iter: int = 1, n_samples: int = 1, seed_mode: str = "original", **kwargs) -> list[torch.Tensor]:
     """`n_iter` batches of `n_samples` variations of `init_image` (1, 3, H, W) in [-1, 1]."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = make_generators(seed, n_samples, seed_mode)
     init_latent = encode_image(model, init_image.repeat(n_samples, 1, 1, 1), generator)
     out = []
     for _ in range(n_iter):
