@@ -39,10 +39,11 @@ def run(args) -> int:
     for note in model.notes:
         print(f"note: {note}")
     prompts = plan["data"][0]
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = pipeline.make_generators(args.seed, len(prompts), args.seed_mode)
     steps = pipeline.txt2img_steps(model, prompts, negative_prompt=args.negative_prompt, n_samples=len(prompts),
                                    height=args.H, width=args.W, steps=args.ddim_steps, sampler=plan["sampler"],
-                                   scale=args.scale, eta=args.ddim_eta, generator=generator)
+                                   schedule=plan["spec"].schedule, scale=args.scale, eta=args.ddim_eta,
+                                   generator=generator)
     kept, latents = filmstrip_latents(steps, args.every)
     s, b = latents.shape[:2]
     flat = latents.flatten(0, 1)  # (S*B, C, h, w), step-major
@@ -54,7 +55,8 @@ def run(args) -> int:
     rows = [row for i in range(b) for row in (decoded_u8[:, i], preview_u8[:, i])]
     strip = make_grid(np.concatenate(rows), n_rows=s)
     settings = {"command": "steps", "prompt": prompts[0], "negative_prompt": args.negative_prompt,
-                "seed": args.seed, "sampler": plan["sampler"], "steps": args.ddim_steps, "scale": args.scale,
+                "seed": args.seed, "seed_mode": args.seed_mode, "sampler": plan["sampler"],
+                "schedule": plan["spec"].schedule, "steps": args.ddim_steps, "scale": args.scale,
                 "eta": args.ddim_eta, "H": args.H, "W": args.W, "every": args.every, "shown_steps": kept,
                 "ckpt": str(args.ckpt), "preview_fit_rms": fit.rms,
                 "preview_weight": fit.weight.tolist(), "preview_bias": fit.bias.tolist()}

@@ -20,12 +20,13 @@ import torch
 from tqdm import tqdm
 
 from samplers import drain
+from samplers.noise import randn
 
 from . import pipeline
 from .cli import USER_ERRORS
 from .images import a1111_parameters, make_grid, model_hash, save_png, to_uint8
 from .loading import LatentDiffusion, find_config, load
-from .options import SAMPLER_NAMES, UsageError, build_parser, check_model, validate
+from .options import UsageError, a1111_sampler_name, build_parser, check_model, validate
 
 __all__ = ["main", "run", "build_parser", "validate", "check_model", "UsageError"]
 
@@ -49,7 +50,8 @@ class _Writer:
         self.base = {
             "command": command, "negative_prompt": args.negative_prompt, "seed": args.seed,
             "n_samples": args.n_samples, "n_iter": args.n_iter, "from_file": args.from_file,
-            "repeat": args.repeat, "sampler": plan["sampler"], "steps": args.ddim_steps, "eta": args.ddim_eta,
+            "repeat": args.repeat, "sampler": plan["sampler"], "schedule": plan["spec"].schedule,
+            "seed_mode": args.seed_mode, "steps": args.ddim_steps, "eta": args.ddim_eta,
             "scale": args.scale, "H": height, "W": width, "C": args.C, "f": args.f,
             "ckpt": str(args.ckpt), "model_hash": self.hash, "config": None if config is None else str(config),
             "family": model.family, "device": str(model.placement.device),
@@ -62,7 +64,10 @@ class _Writer:
         else:
             self.base.update(strength=args.strength, t_enc=pipeline.strength_to_steps(args.strength, args.ddim_steps),
                              init_image=str(args.init_img), init_image_sha256=plan["init"]["sha256"])
-        self.extra = {"Denoising strength": args.strength} if command == "img2img" else None
+        self.sampler_label = a1111_sampler_name(plan["spec"])
+        self.extra = {"Denoising strength": args.strength} if command == "img2img" else {}
+        if args.seed_mode != "original":
+            self.extra["Seed mode"] = args.seed_mode
         self.images: list[np.ndarray] = []
         self.samples: list[Path] = []
         self.grid: Optional[Path] = None
@@ -70,8 +75,8 @@ class _Writer:
 
     def _parameters(self, prompt: str) -> str:
         b = self.base
-        return a1111_parameters(prompt, b["negative_prompt"], b["steps"], SAMPLER_NAMES.get(b["sampler"], b["sampler"]),
-                                b["scale"], b["seed"], b["W"], b["H"], self.hash, Path(b["ckpt"]).stem, self.extra)
+        return a1111_parameters(prompt, b["negative_prompt"], b["steps"], self.sampler_label, b["scale"], b["seed"],
+                                b["W"], b["H"], self.hash, Path(b["ckpt"]).stem, self.extra)
 
     def add(self, images: np.ndarray, iteration: int, batch: int, prompts: list[str]) -> None:
         if self.first_prompt is None:
@@ -116,35 +121,37 @@ def _label(n: int, b: int, args, data) -> str:
     return "Sampling (" + ", ".join(parts) + ")"
 
 
-def _run_txt2img(model, args, plan, writer) -> None:
-    generator = torch.Generator().manual_seed(args.seed)
+def _first(generators, k: int):
+    """The batch's one generator, or (per-sample mode) the first k of its generators."""
+    return generators if isinstance(generators, torch.Generator) else generators[:k]
+
+
+def _run_txt2img(model, args, plan, writer, generators) -> None:
     shape = pipeline.latent_shape(model, args.n_samples, args.H, args.W)
-    fixed = torch.randn(shape, generator=generator, dtype=torch.float32) if args.fixed_code else None
+    fixed = randn(shape, generators) if args.fixed_code else None
     for n in range(args.n_iter):
         for b, prompts in enumerate(plan["data"]):
-            k = len(prompts)
-            x_T = fixed[:k] if fixed is not None else torch.randn(
-                pipeline.latent_shape(model, k, args.H, args.W), generator=generator, dtype=torch.float32)
+            k, generator = len(prompts), _first(generators, len(prompts))
+            x_T = fixed[:k] if fixed is not None else randn(pipeline.latent_shape(model, k, args.H, args.W), generator)
             steps = pipeline.txt2img_steps(model, prompts, negative_prompt=args.negative_prompt, n_samples=k,
                                            height=args.H, width=args.W, steps=args.ddim_steps,
-                                           sampler=plan["sampler"], scale=args.scale, eta=args.ddim_eta,
-                                           generator=generator, x_T=x_T)
+                                           sampler=plan["sampler"], schedule=plan["spec"].schedule,
+                                           scale=args.scale, eta=args.ddim_eta, generator=generator, x_T=x_T)
             latents = drain(_progress(steps, _label(n, b, args, plan["data"])), x_T)
             writer.add(to_uint8(pipeline.decode(model, latents)), n, b, prompts)
 
 
-def _run_img2img(model, args, plan, writer) -> None:
-    generator = torch.Generator().manual_seed(args.seed)
+def _run_img2img(model, args, plan, writer, generators) -> None:
     init = plan["init"]["image"].repeat(args.n_samples, 1, 1, 1)
-    init_latent = pipeline.encode_image(model, init, generator)
+    init_latent = pipeline.encode_image(model, init, generators)
     print(f"target t_enc is {pipeline.strength_to_steps(args.strength, args.ddim_steps)} steps")
     for n in range(args.n_iter):
         for b, prompts in enumerate(plan["data"]):
-            x0 = init_latent[:len(prompts)]
+            x0, generator = init_latent[:len(prompts)], _first(generators, len(prompts))
             steps = pipeline.img2img_steps(model, x0, prompts, strength=args.strength,
                                            negative_prompt=args.negative_prompt, steps=args.ddim_steps,
-                                           sampler=plan["sampler"], scale=args.scale, eta=args.ddim_eta,
-                                           generator=generator)
+                                           sampler=plan["sampler"], schedule=plan["spec"].schedule,
+                                           scale=args.scale, eta=args.ddim_eta, generator=generator)
             latents = drain(_progress(steps, _label(n, b, args, plan["data"])), x0)
             writer.add(to_uint8(pipeline.decode(model, latents)), n, b, prompts)
 
@@ -164,7 +171,8 @@ def run(command: str, args) -> int:
     dtype = str(model.placement.dtype).replace("torch.", "")
     print(f"{model.family} model ({model.parameterization}-prediction) on {model.placement.device} in {dtype}")
     writer = _Writer(command, args, plan, model, height, width)
-    (_run_txt2img if command == "txt2img" else _run_img2img)(model, args, plan, writer)
+    generators = pipeline.make_generators(args.seed, args.n_samples, args.seed_mode)
+    (_run_txt2img if command == "txt2img" else _run_img2img)(model, args, plan, writer, generators)
     writer.finish(args.n_rows if args.n_rows > 0 else args.n_samples)
     if writer.samples:
         print(f"saved {len(writer.samples)} sample(s): {writer.samples[0]} .. {writer.samples[-1].name}")

@@ -9,8 +9,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Optional
 
-from samplers import SAMPLERS
+from samplers.registry import SamplerSpec, available, resolve_sampler
 from samplers.schedule import ddim_timesteps
+from samplers.sigmas import SCHEDULES
 
 from .device import resolve
 from .images import load_image
@@ -21,14 +22,23 @@ DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 GET_A_CHECKPOINT = ("download an official checkpoint (e.g. v1-5-pruned-emaonly.safetensors from "
                     "huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5) and pass it with --ckpt")
-SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS"}  # as A1111 writes them in its infotext
+# as A1111 writes them in its infotext (plus " Karras" / " Exponential" for those schedules)
+SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler a",
+                 "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lms": "LMS", "dpmpp_2m": "DPM++ 2M",
+                 "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE"}
+SEED_MODES = ("original", "per-sample")
+
+
+def a1111_sampler_name(spec: SamplerSpec) -> str:
+    name = SAMPLER_NAMES.get(spec.name, spec.name)
+    return name if spec.schedule in (None, "discrete") else f"{name} {spec.schedule.capitalize()}"
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
 # Flags of the original scripts (CompVis and Stability-AI) that have no counterpart here.
 UNSUPPORTED = {
     "laion400m": "--laion400m is not supported: the LAION-400M model is a latent-diffusion checkpoint, "
                  "not Stable Diffusion",
-    "dpm_solver": "--dpm_solver is not supported yet; use --sampler ddim or --sampler plms",
-    "dpm": "--dpm is not supported yet; use --sampler ddim or --sampler plms",
+    "dpm_solver": "--dpm_solver is not supported; use --sampler dpmpp_2m (DPM-Solver++ 2M)",
+    "dpm": "--dpm is not supported; use --sampler dpmpp_2m (DPM-Solver++ 2M)",
     "torchscript": "--torchscript is not supported; drop it (the networks run as plain PyTorch modules)",
     "ipex": "--ipex is not supported; drop it (use --dtype bfloat16 for bfloat16 on the CPU)",
 }
@@ -72,8 +82,15 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     a("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     a("--skip_save", action="store_true", help="do not save individual samples")
     a("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50, help="number of sampling steps")
-    a("--sampler", choices=sorted(SAMPLERS), default=None,
-      help="sampler (default ddim)" + ("; PLMS img2img works here, the original refuses it" if img else ""))
+    a("--sampler", default=None,
+      help=f"sampler (default ddim): {', '.join(available())}, or an A1111 name such as \"Euler a\" or "
+           "\"DPM++ 2M Karras\"" + ("; PLMS img2img works here, the original refuses it" if img else ""))
+    a("--schedule", default=None, choices=SCHEDULES,
+      help="noise levels of the k-diffusion samplers (default discrete: the model's own)")
+    a("--seed-mode", "--seed_mode", dest="seed_mode", choices=SEED_MODES,
+      default="original",
+      help="original: one generator for the batch, as the original scripts; per-sample: image i has its "
+           "own generator seeded seed + i, so it does not depend on the batch")
     a("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)"
                                           + ("; supported for img2img here" if img else ""))
     a("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0: deterministic sampling)")
@@ -148,9 +165,15 @@ def validate(command: str, args) -> dict:
         for flag, message in IMG2IMG_UNSUPPORTED.items():
             if getattr(args, flag) not in (None, False):
                 raise UsageError(message)
-    sampler = args.sampler or ("plms" if args.plms else "ddim")
+    try:
+        spec = resolve_sampler(args.sampler or ("plms" if args.plms else "ddim"), args.schedule)
+    except ValueError as e:
+        raise UsageError(f"--sampler {args.sampler}: {e}") from None
+    sampler = spec.name
     if args.plms and sampler != "plms":
-        raise UsageError(f"--plms and --sampler {sampler} disagree; pass one of them")
+        raise UsageError(f"--plms and --sampler {args.sampler} disagree; pass one of them")
+    if args.ddim_eta and not spec.takes("eta"):
+        raise UsageError(f"--ddim_eta {args.ddim_eta}: the {sampler} sampler takes no eta; leave it at 0")
     if args.prompt is None and not args.from_file:
         raise UsageError("--prompt needs a text (or use --from-file)")
     if not img:
@@ -197,7 +220,7 @@ def validate(command: str, args) -> dict:
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"{outdir}: is a file; --outdir takes a folder")
-    return {"sampler": sampler, "data": data, "init": init, "placement": placement, "ckpt": ckpt}
+    return {"sampler": sampler, "spec": spec, "data": data, "init": init, "placement": placement, "ckpt": ckpt}
 
 
 def check_model(model: LatentDiffusion, args) -> None:
