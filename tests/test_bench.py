@@ -1,0 +1,90 @@
+"""tools/bench.py on the tiny reference configs: it runs, prints the table, writes valid JSON, and both sides
+compute the same thing. No timing is asserted (the numbers are for people, on a quiet machine)."""
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED, fixture_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench  # noqa: E402
+
+from models.config import PRESETS, from_yaml_dict  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.mark.parametrize("cfg", [PRESETS["sd1"], replace(PRESETS["sd2"], parameterization="v"),
+                                 fixture_config("sd1_tiny"), fixture_config("sd2v_tiny")],
+                         ids=["sd1", "sd2v", "sd1_tiny", "sd2v_tiny"])
+def test_original_config_reads_back(cfg):
+    """The original-format config the bench hands to diffusers describes the same model to ldm's reader."""
+    assert from_yaml_dict(bench.original_config(cfg)) == cfg
+
+
+@pytest.mark.parametrize("family,expected", [
+    # the published diffusers configs of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1
+    ("sd1", {"attention_head_dim": 8, "cross_attention_dim": 768, "use_linear_projection": False,
+             "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}),
+    ("sd2v", {"attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True,
+              "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}),
+])
+def test_full_size_configs_convert_to_the_published_diffusers_ones(family, expected):
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    s = bench.spec(family, tiny=False, shared=SHARED)
+    keys = {k: torch.empty(v[0], device="meta") for k, v in s.layout["keys"].items()
+            if k.startswith("model.diffusion_model.")}
+    config = create_unet_diffusers_config_from_ldm(s.original, keys)
+    assert {k: config[k] for k in expected} == expected
+
+
+def test_diffusers_tokenizer_from_open_clip_bpe_matches_ldm(tmp_path):
+    prompts = [bench.PROMPT, "", "Hello,   WORLD!! café " * 20]
+    ids = bench.write_clip_tokenizer(tmp_path)(prompts, padding="max_length", max_length=77, truncation=True,
+                                              return_tensors="pt").input_ids
+    assert torch.equal(ids, Tokenizer(pad_token=49407)(prompts))
+
+
+def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--rows", "unet256,vae,text,txt2img,sd2", "--dtypes", "float32", "--repeats", "1",
+                       "--warmup", "0", "--steps", "1", "--sd2-size", "512", "--shared", str(SHARED),
+                       "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ldm/diff" in printed
+    doc = json.loads(out.read_text())
+    machine = doc["machine"]
+    assert machine["torch"] == torch.__version__ and machine["cpu"] and machine["cpu_count"] >= 1
+    assert isinstance(machine["cpu_has_bf16"], bool)
+    assert [r["row"] for r in doc["rows"]] == ["unet256", "vae", "text", "txt2img", "sd2"]
+    for r in doc["rows"]:
+        assert r["label"] in printed
+        assert r["ldm"] > 0 and r["diffusers"] > 0 and len(r["runs"]["ldm"]) == 1
+        # the same weights and inputs through both libraries: the same result, so the times compare like for like
+        assert r["max_abs_diff"] <= 1e-4, r
+        assert r["output_max_abs"] > 0
+
+
+@pytest.mark.parametrize("side", ["ldm", "diffusers"])
+def test_load_child_reports_time_and_memory(side, tmp_path, capsys):
+    """What each fresh load process runs (here in-process: a subprocess would import diffusers again)."""
+    from make_checkpoint import save
+
+    s = bench.spec("sd1", tiny=True, shared=SHARED)
+    bench.prepare_load_dir(s, tmp_path)
+    ckpt = tmp_path / "tiny-fp16.safetensors"
+    save(bench.random_checkpoint(s, dtype=torch.float16), ckpt)
+    assert bench.main(["--load-child", side, "--ckpt", str(ckpt), "--load-child-dir", str(tmp_path)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("LOAD_RESULT "))
+    result = json.loads(line[len("LOAD_RESULT "):])
+    assert result["dtypes"] == ["float32"]  # an fp16 file ready on the CPU in its default dtype
+    assert result["seconds"] > 0 and result["peak_rss_gb"] >= result["rss_before_gb"] > 0
+
+
+def test_unknown_row_is_refused():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "unet1024"])
