@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import CLIPTextConfig
+from models.layers import embedding
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +71,8 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        self.token_embedding = embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = embedding(cfg.max_positions, cfg.width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(tokens) + self.position_embedding.weight[: tokens.shape[1]]

@@ -15,6 +15,7 @@ from torch import nn
 
 from models.clip_text import activation
 from models.config import OpenCLIPTextConfig
+from models.layers import embedding
 
 
 class FusedAttention(nn.Module):
@@ -78,7 +79,7 @@ class OpenCLIPTextModel(nn.Module):
         if cfg.layer not in ("last", "penultimate"):
             raise ValueError(f"OpenCLIP text layer {cfg.layer!r} is not supported (last, penultimate)")
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width, eps=1e-5)

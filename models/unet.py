@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import GroupNorm32, attention
+from .layers import GroupNorm32, attention, embedding
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -50,6 +50,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.attention_slices = 1  # models.layers.set_attention_slicing
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
@@ -58,7 +59,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
+                                     self.attention_slices))
 
 
 class GEGLU(nn.Module):
@@ -174,7 +176,7 @@ class UNetModel(nn.Module):
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.num_classes is not None:
-            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+            self.label_emb = embedding(cfg.num_classes, emb_dim)
 
         def transformer(ch: int, level: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads_and_dim(ch)

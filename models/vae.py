@@ -14,6 +14,7 @@ from torch import nn
 
 from models.config import VAEConfig
 from models.layers import GroupNorm32, attention
+from models.tiling import Tiling, tiled
 
 
 def Normalize(channels: int) -> GroupNorm32:
@@ -44,13 +45,14 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = Normalize(channels)
+        self.attention_slices = 1  # models.layers.set_attention_slicing
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (m(y).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, hw, C)
-        out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        out = attention(q, k, v, heads=1, slices=self.attention_slices).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
 
@@ -182,9 +184,20 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.tiling: Optional[Tiling] = None  # models.tiling.enable_vae_tiling
+
+    def _moments(self, images: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(images))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        if self.tiling is None:
+            return DiagonalGaussian(self._moments(images))
+        return DiagonalGaussian(tiled(self._moments, images, self.tiling, self.cfg.downsampling_factor, 1))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        if self.tiling is None:
+            return self._decode(z)
+        return tiled(self._decode, z, self.tiling, 1, self.cfg.downsampling_factor)
