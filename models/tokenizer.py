@@ -15,13 +15,33 @@ START, END = 49406, 49407
 _bpe = None
 
 
+def _open_clip_tokenizer_module():
+    """open_clip's tokenizer.py on its own. Importing it through the package runs open_clip/__init__,
+    which imports torchvision, timm and its model zoo: seconds at every start, for one file that needs
+    none of them (it imports only the standard library, ftfy, regex, numpy and torch, and finds its
+    vocabulary beside itself)."""
+    import importlib.util
+    import sys
+
+    name = "open_clip.tokenizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("open_clip")  # finds the folder without running __init__
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("open_clip_torch is not installed; pip install open_clip_torch (its BPE vocabulary "
+                          "is the tokenizer of both SD 1.x and SD 2.x)")
+    path = f"{list(package.submodule_search_locations)[0]}/tokenizer.py"
+    spec = importlib.util.spec_from_file_location("ldm_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _simple_tokenizer():
     # Reading the 49k merges takes a noticeable fraction of a second: build once per process.
     global _bpe
     if _bpe is None:
-        from open_clip.tokenizer import SimpleTokenizer
-
-        _bpe = SimpleTokenizer()
+        _bpe = _open_clip_tokenizer_module().SimpleTokenizer()
     return _bpe
 
 
