@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from . import pipeline
+from .generate import load_for_run
 from .options import UsageError, build_parser, check_model, validate
 from .images import make_grid, save_gif, save_png, to_uint8
-from .loading import load
 from .preview import fit_latent_rgb
 
 
@@ -34,7 +34,7 @@ def run(args) -> int:
     if args.every < 1:
         raise UsageError(f"--every {args.every}: must be at least 1")
     plan = validate("txt2img", args)
-    model = load(plan["ckpt"], config=args.config, device=plan["placement"], ema=args.ema, prediction=args.prediction)
+    model = load_for_run(args, plan)
     check_model(model, args)
     for note in model.notes:
         print(f"note: {note}")

@@ -19,13 +19,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.layers import set_attention_slicing
+from models.tiling import enable_vae_tiling
 from samplers import drain
 from samplers.noise import randn
 
 from . import pipeline
 from .cli import USER_ERRORS
+from .device import Placement, configure_backends
 from .images import a1111_parameters, make_grid, model_hash, save_png, to_uint8
 from .loading import LatentDiffusion, find_config, load
+from .offload import enable_lowvram
 from .options import UsageError, a1111_sampler_name, build_parser, check_model, validate
 
 __all__ = ["main", "run", "build_parser", "validate", "check_model", "UsageError"]
@@ -56,7 +60,8 @@ class _Writer:
             "ckpt": str(args.ckpt), "model_hash": self.hash, "config": None if config is None else str(config),
             "family": model.family, "device": str(model.placement.device),
             "dtype": str(model.placement.dtype).replace("torch.", ""), "precision": args.precision,
-            "prediction": model.parameterization, "ema": args.ema,
+            "prediction": model.parameterization, "ema": args.ema, "vae": args.vae,
+            "lowvram": args.lowvram, "attention_slicing": args.attention_slicing, "vae_tiling": args.vae_tiling,
             "ldm_version": _version("ldm"), "torch_version": torch.__version__,
         }
         if command == "txt2img":
@@ -156,6 +161,27 @@ def _run_img2img(model, args, plan, writer, generators) -> None:
             writer.add(to_uint8(pipeline.decode(model, latents)), n, b, prompts)
 
 
+def load_for_run(args, plan) -> LatentDiffusion:
+    """ldm.load with the memory options: --lowvram loads onto the CPU in the compute dtype and lends each
+    network to the accelerator only while it runs; --attention-slicing and --vae-tiling bound the peaks."""
+    placement = plan["placement"]
+    offload = args.lowvram and placement.device.type != "cpu"
+    where = Placement(torch.device("cpu"), placement.dtype, placement.notes) if offload else placement
+    model = load(plan["ckpt"], config=args.config, device=where, ema=args.ema, prediction=args.prediction,
+                 vae=args.vae)
+    if offload:
+        configure_backends(placement)
+        enable_lowvram(model, placement.device)
+    elif args.lowvram:
+        model.notes.append("--lowvram has no effect on the CPU")
+    if args.attention_slicing:
+        set_attention_slicing(model.unet, args.attention_slicing)
+        set_attention_slicing(model.vae, args.attention_slicing)
+    if args.vae_tiling:
+        enable_vae_tiling(model.vae)
+    return model
+
+
 def run(command: str, args) -> int:
     """Validate, load, sample, save; the exit code. Raises UsageError (and the loaders' errors)."""
     plan = validate(command, args)
@@ -163,8 +189,7 @@ def run(command: str, args) -> int:
     if plan["init"] is not None:
         print(plan["init"]["note"] or f"loaded input image of size {width}x{height} from {args.init_img}")
     print(f"Loading model from {plan['ckpt']}")
-    model = load(plan["ckpt"], config=args.config, device=plan["placement"], ema=args.ema,
-                 prediction=args.prediction)
+    model = load_for_run(args, plan)
     check_model(model, args)
     for note in model.notes:
         print(f"note: {note}")

@@ -123,6 +123,13 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     a("--prediction", choices=["eps", "v"], default=None,
       help="what the UNet predicts (default: from the config; SD 2 768-v models predict v)")
     a("--ema", action="store_true", help="use the EMA weights of the UNet (full training checkpoints)")
+    a("--vae", default=None, help="a separate VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
+    a("--lowvram", action="store_true",
+      help="keep the networks on the CPU and move each (the UNet block by block) to the GPU only while it runs")
+    a("--attention-slicing", "--attention_slicing", dest="attention_slicing", type=int, default=0,
+      help="compute attention in N slices of queries: less memory on CPU/MPS (CUDA's kernels need none)")
+    a("--vae-tiling", "--vae_tiling", dest="vae_tiling", action="store_true",
+      help="decode and encode in overlapping 512-px tiles, blended: large images in little memory")
     for flag in UNSUPPORTED:
         a(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -190,6 +197,10 @@ def validate(command: str, args) -> dict:
     for flag in ("n_samples", "n_iter", "repeat", "C", "f"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.attention_slicing < 0:
+        raise UsageError(f"--attention-slicing {args.attention_slicing}: must be 0 (off) or more")
+    if args.vae is not None and not Path(args.vae).is_file():
+        raise UsageError(f"{args.vae}: no such file; --vae takes a VAE checkpoint (.ckpt or .safetensors)")
     if args.n_rows < 0:
         raise UsageError(f"--n_rows {args.n_rows}: must be 0 (n_samples per row) or more")
     if args.ddim_eta < 0:

@@ -298,3 +298,23 @@ def test_lowvram_whole_unet_and_failed_calls_leave_the_weights_home():
     with torch.no_grad():
         out = model.unet(x, torch.tensor([1]), torch.randn(1, 77, model.config.unet.context_dim))
     assert out.shape == x.shape and offload.loads()["unet"] == 2 and _all_home(offload)
+
+
+def test_memory_flags_on_the_command_line_give_the_same_image(tmp_path):
+    """--attention-slicing and --lowvram (a no-op on the CPU, with a note) leave the image as it is;
+    --vae-tiling only starts tiling past one tile (512 px), so a small image is untouched too."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import FIXTURES
+    from ldm import generate
+
+    ckpt = FIXTURES["sd1_tiny"] / "sd1_tiny.ckpt"
+    base = ["--prompt", "a red apple", "--ckpt", str(ckpt), "--H", "64", "--W", "64", "--f", "2",
+            "--ddim_steps", "4", "--n_samples", "1", "--n_iter", "1", "--skip_grid"]
+    images = []
+    for name, flags in [("plain", []), ("sliced", ["--attention-slicing", "3"]),
+                        ("low", ["--lowvram", "--vae-tiling"])]:
+        assert generate.main("txt2img", base + ["--outdir", str(tmp_path / name), *flags]) == 0
+        images.append(np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")).astype(int))
+    assert np.abs(images[1] - images[0]).max() <= 1 and np.abs(images[2] - images[0]).max() <= 1
