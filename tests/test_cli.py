@@ -248,7 +248,7 @@ BAD_FLAGS = [
     ("txt2img", ["--n_iter", "0"], "--n_iter 0"),
     ("txt2img", ["--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0"),
     ("txt2img", ["--plms", "--sampler", "ddim"], "--plms and --sampler ddim disagree"),
-    ("txt2img", ["--sampler", "euler_x"], "invalid choice"),
+    ("txt2img", ["--sampler", "euler_x"], "unknown sampler"),
     ("txt2img", ["--laion400m"], "--laion400m is not supported"),
     ("txt2img", ["--dpm_solver"], "--dpm_solver is not supported"),
     ("txt2img", ["--bogus"], "unrecognized arguments: --bogus"),
