@@ -1,5 +1,5 @@
-"""The two pieces the UNet and the VAE share: float32 group norm and scaled dot-product attention
-(optionally sliced along the queries to bound its peak memory)."""
+"""The pieces the UNet and the VAE share: group norm with float32 statistics and scaled dot-product
+attention with float32 logits (optionally sliced along the queries to bound its peak memory)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,21 +9,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# The CPU and CUDA kernels accumulate half-precision group norm and attention in float32 (CUDA's flash
+# and memory-efficient attention keep fp32 logits and softmax; the CPU kernels upcast). MPS may not:
+# there fp16 sums over 64x64x320 values or q.k logits can overflow (SD 2.1 768-v turns black), so the
+# inputs are cast to float32 by hand. Casting everywhere would cost a full-size copy per call for
+# nothing where the kernel already does it.
+HALF_SUMS_IN_HALF = ("mps",)
+
+
+def needs_upcast(t: torch.Tensor) -> bool:
+    """Whether float16 math on this tensor's device must be done in float32 by hand."""
+    return t.dtype == torch.float16 and t.device.type in HALF_SUMS_IN_HALF
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the weights' dtype: fp16 statistics over 64×64×320
-    values overflow and turn images black or noisy. Returns the input's dtype."""
+    """GroupNorm whose statistics are float32 whatever the weights' dtype: fp16 statistics over
+    64×64×320 values overflow and turn images black or noisy. Returns the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        if not needs_upcast(x):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, slices: int = 1) -> torch.Tensor:
     """Multi-head attention over (B, T, heads * d) tensors, via F.scaled_dot_product_attention.
 
-    In float16 the logits are computed in float32: SD 2.x's 768-v model overflows fp16 attention
-    logits and produces black images otherwise (the original's `ATTN_PRECISION = "fp32"`).
+    In float16 the logits and softmax are float32 (SD 2.x's 768-v model overflows fp16 logits and
+    produces black images otherwise; the original's `ATTN_PRECISION = "fp32"`): by the kernel on CPU and
+    CUDA, by casting elsewhere.
 
     `slices` > 1 computes the queries in that many chunks, one after the other, so a backend that
     materialises the (heads, Tq, Tk) logits (MPS, the math kernel) holds about 1/slices of them at once.
@@ -32,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sli
     b, tq, inner = q.shape
     d = inner // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
-    if q.dtype == torch.float16:
+    if needs_upcast(q):
         k, v = k.float(), v.float()
 
     def sdpa(qs: torch.Tensor) -> torch.Tensor:

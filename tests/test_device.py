@@ -59,24 +59,40 @@ def _record_dtypes(monkeypatch, module, name):
     return seen
 
 
-def test_half_attention_logits_are_computed_in_float32(monkeypatch):
-    """CPU kernels accumulate half in float anyway; CUDA's do not (SD 2.1 768-v turns black): so check
-    what reaches the kernel, not the CPU's answer."""
+def test_half_attention_on_the_cpu_keeps_float32_logits():
+    """The CPU kernel accumulates half in float32 by itself: logits far past fp16's 65504 stay finite
+    and the answer agrees with float32 (a kernel with fp16 logits would give inf/NaN here)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 16, 64, generator=g) * 40, torch.randn(1, 16, 64, generator=g) * 40
+    v = torch.randn(1, 16, 64, generator=g)
+    half = attention(q.half(), k.half(), v.half(), heads=1)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    assert (half.float() - attention(q, k, v, heads=1)).abs().max() < 2e-2
+
+
+def test_half_math_is_cast_to_float32_where_kernels_do_not(monkeypatch):
+    """On devices whose kernels may keep fp16 sums (MPS; here the meta device stands in), attention
+    and group norm get float32 inputs; on CPU and CUDA the kernels' own fp32 accumulation is used."""
     import models.layers as layers
-    seen = _record_dtypes(monkeypatch, layers.F, "scaled_dot_product_attention")
-    q = torch.randn(1, 16, 64)
-    half = attention(q.half(), q.half(), q.half(), heads=2)
-    assert seen == [torch.float32] and half.dtype == torch.float16
+    monkeypatch.setattr(layers, "HALF_SUMS_IN_HALF", ("mps", "meta"))
+    seen_attn = _record_dtypes(monkeypatch, layers.F, "scaled_dot_product_attention")
+    seen_norm = _record_dtypes(monkeypatch, layers.F, "group_norm")
+    q = torch.empty(1, 16, 64, dtype=torch.float16, device="meta")
+    assert attention(q, q, q, heads=2).dtype == torch.float16
+    norm = GroupNorm32(32, 32).half().to("meta")
+    assert norm(torch.empty(1, 32, 8, 8, dtype=torch.float16, device="meta")).dtype == torch.float16
+    assert seen_attn == [torch.float32] and seen_norm == [torch.float32]
+    cpu = torch.randn(1, 16, 64).half()
+    attention(cpu, cpu, cpu, heads=2)
+    assert seen_attn[-1] == torch.float16
     attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), heads=2)
-    assert seen[-1] == torch.bfloat16  # bf16 has fp32's range: no upcast needed
+    assert seen_attn[-1] == torch.bfloat16  # bf16 has fp32's range: never cast
 
 
-def test_group_norm_statistics_are_float32(monkeypatch):
-    import models.layers as layers
-    seen = _record_dtypes(monkeypatch, layers.F, "group_norm")
-    x = torch.randn(1, 32, 8, 8) * 300 + 1000
+def test_group_norm_on_the_cpu_in_half_matches_float32():
+    x = torch.randn(1, 32, 64, 64) * 300 + 1000  # fp16 sums of squares would overflow
     out = GroupNorm32(32, 32).half()(x.half())
-    assert seen == [torch.float32] and out.dtype == torch.float16
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert (out.float() - GroupNorm32(32, 32)(x)).abs().max() < 1e-2
 
 
