@@ -57,6 +57,11 @@ def find_config(path: Path) -> Optional[Path]:
     return None
 
 
+def _first_few(items: list, n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
 def _load_strict(module: nn.Module, state: dict, what: str, family: str, source: Path) -> None:
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
@@ -64,10 +69,8 @@ def _load_strict(module: nn.Module, state: dict, what: str, family: str, source:
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
              for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "") if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}" + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "") if unexpected else "",
-            f"wrong shape {', '.join(wrong[:2])}" if wrong else "") if part)
+        detail = "; ".join(f"{label} {_first_few(keys)}" for label, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
         raise CheckpointError(f"{source.name}: the {what} does not fit the {family} layout: {detail}; "
                               "check that --config matches this checkpoint (or omit it to detect the family)")
     module.load_state_dict(state, strict=True, assign=True)
