@@ -62,6 +62,7 @@ class _Writer:
             "dtype": str(model.placement.dtype).replace("torch.", ""), "precision": args.precision,
             "prediction": model.parameterization, "ema": args.ema, "vae": args.vae,
             "lowvram": args.lowvram, "attention_slicing": args.attention_slicing, "vae_tiling": args.vae_tiling,
+            "compile": args.compile,
             "ldm_version": _version("ldm"), "torch_version": torch.__version__,
         }
         if command == "txt2img":
@@ -179,6 +180,8 @@ def load_for_run(args, plan) -> LatentDiffusion:
         set_attention_slicing(model.vae, args.attention_slicing)
     if args.vae_tiling:
         enable_vae_tiling(model.vae)
+    if args.compile:
+        model.unet = torch.compile(model.unet)  # compiled on the first step; shapes are fixed per run
     return model
 
 

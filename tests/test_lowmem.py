@@ -320,3 +320,11 @@ def test_memory_flags_on_the_command_line_give_the_same_image(tmp_path):
         assert generate.main("txt2img", base + ["--outdir", str(tmp_path / name), *flags]) == 0
         images.append(np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")).astype(int))
     assert np.abs(images[1] - images[0]).max() <= 1 and np.abs(images[2] - images[0]).max() <= 1
+
+
+def test_compile_and_lowvram_are_refused_together(tmp_path, capsys):
+    from ldm import generate
+
+    argv = ["--prompt", "x", "--ckpt", str(tmp_path / "missing.ckpt"), "--compile", "--lowvram"]
+    assert generate.main("txt2img", argv) == 2
+    assert "--compile and --lowvram" in capsys.readouterr().err

@@ -97,7 +97,44 @@ def full_size(shared: Path, device: str, steps: int) -> dict:
         b = txt2img(model, "a photograph of an astronaut riding a horse", seed=42, **kw)[0]
         report["txt2img_repeat_identical"] = bool(torch.equal(a, b))
         report["txt2img_finite"] = bool(torch.isfinite(a).all())
+        if dev.type == "cuda":
+            report["lowvram"] = lowvram(path, dev, kw, a)
+            report["compile"] = compiled(model, kw, steps)
     return report
+
+
+def lowvram(path: Path, dev: torch.device, kw: dict, reference: torch.Tensor) -> dict:
+    """The whole 512x512 txt2img with --lowvram's offload: peak device memory, and the same image."""
+    from ldm.device import Placement, configure_backends
+    from ldm.offload import enable_lowvram
+
+    model = ldm.load(path, device=Placement(torch.device("cpu"), torch.float16))
+    configure_backends(Placement(dev, torch.float16))
+    enable_lowvram(model, dev)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()  # the normal-mode model is still on the device: count above it
+    t = time.perf_counter()
+    image = txt2img(model, "a photograph of an astronaut riding a horse", seed=42, **kw)[0]
+    sync(dev)
+    return {"peak_gb_above_start": (torch.cuda.max_memory_allocated() - before) / 2 ** 30,
+            "seconds": time.perf_counter() - t,
+            "max_diff_vs_normal": (image.cpu() - reference.cpu()).abs().max().item()}
+
+
+def compiled(model, kw: dict, steps: int) -> dict:
+    """--compile: torch.compile'd UNet, first run (compiling) and then seconds per step."""
+    eager_unet = model.unet
+    model.unet = torch.compile(eager_unet)
+    t = time.perf_counter()
+    txt2img(model, "warm up", seed=1, **{**kw, "steps": 2})
+    sync(next(eager_unet.parameters()).device)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    txt2img(model, "a photograph of an astronaut riding a horse", seed=42, **kw)
+    sync(next(eager_unet.parameters()).device)
+    model.unet = eager_unet
+    return {"compile_and_first_run_seconds": first, "seconds_per_step": (time.perf_counter() - t) / steps}
 
 
 def main(argv=None) -> int:
