@@ -215,3 +215,20 @@ def test_full_size_fp16_load_keeps_peak_rss_near_the_file_size(tmp_path):
     print(f"file {size_mb:.0f} MB, RSS before load {info['base']:.0f} MB, peak {info['peak']:.0f} MB, "
           f"load {info['seconds']:.1f} s")
     assert info["peak"] - info["base"] <= 1.3 * size_mb
+
+
+def test_sd2_file_without_a_prediction_type_is_probed(tmp_path):
+    """An SD 2 file whose config does not say eps or v (512-base and 768-v share a layout): one UNet
+    call decides, and the note says what was chosen and how to override it."""
+    from dataclasses import replace
+
+    from models.config import from_yaml
+
+    name = "sd2v_tiny"
+    cfg = replace(from_yaml(FIXTURES[name] / f"{name}.yaml"), parameterization=None)
+    model = ldm.load(FIXTURES[name] / f"{name}.safetensors", config=cfg, device="cpu")
+    assert model.parameterization in ("eps", "v")
+    note = next(n for n in model.notes if n.startswith("prediction type"))
+    assert model.parameterization in note and "--prediction" in note
+    assert ldm.load(FIXTURES[name] / f"{name}.safetensors", config=cfg, device="cpu",
+                    prediction="v").parameterization == "v"
