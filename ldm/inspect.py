@@ -45,18 +45,14 @@ def summarize(path: Path, load: bool = False, config=None, ema: bool = False) ->
     }
     if family != "vae":
         from models.config import PRESETS
-        from samplers.schedule import linear_alphas_cumprod
 
-        cfg = PRESETS[family]
-        stored = buffers.get("alphas_cumprod")
-        if stored is not None:
-            computed = linear_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps)
-            agree = stored.shape == computed.shape and (stored.float() - computed).abs().max().item() <= 1e-6
-            info["schedule"] = ("checkpoint buffers (agree with the config's linear schedule)" if agree else
-                                "checkpoint buffers (DISAGREE with the config's linear schedule; sampling uses "
-                                "the checkpoint's)")
-        else:
-            info["schedule"] = "from the config (no schedule buffers in the file)"
+        from .loading import sampling_schedule
+
+        agree = sampling_schedule(PRESETS[family], buffers)[1]
+        info["schedule"] = {None: "from the config (no schedule buffers in the file)",
+                            True: "checkpoint buffers (agree with the config's linear schedule)",
+                            False: "checkpoint buffers (DISAGREE with the config's linear schedule; sampling "
+                                   "uses the checkpoint's)"}[agree]
     del state, parts
     if load and family != "vae":
         from .loading import load as load_model

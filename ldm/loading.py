@@ -109,18 +109,17 @@ def detect_prediction(unet: nn.Module, context_dim: int) -> tuple[str, float]:
     return ("v" if score < -1 else "eps"), score
 
 
-def _schedule(cfg: ModelConfig, buffers: dict, notes: list) -> torch.Tensor:
+def sampling_schedule(cfg: ModelConfig, buffers: dict) -> tuple[torch.Tensor, Optional[bool]]:
+    """The alphas_cumprod to sample with: the checkpoint's buffer when it has one (what the original
+    samples with), else the config's linear schedule; and whether the two agree (None: no buffer)."""
     from samplers.schedule import linear_alphas_cumprod
 
     computed = linear_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps)
     stored = buffers.get("alphas_cumprod")
     if stored is None:
-        return computed
-    stored = stored.float()
-    if stored.shape != computed.shape or (stored - computed).abs().max() > 1e-6:
-        notes.append("the checkpoint's alphas_cumprod differs from the config's linear schedule; "
-                     "sampling with the checkpoint's, as the original does")
-    return stored.clone()
+        return computed, None
+    stored = stored.float().clone()
+    return stored, stored.shape == computed.shape and (stored - computed).abs().max().item() <= 1e-6
 
 
 def _vae_state(path: Path) -> dict:
@@ -207,7 +206,11 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
         cfg = replace(cfg, parameterization=kind)
         notes.append(f"prediction type {kind} (no config says; one UNet call at t=999 gave mean(out - x) = "
                      f"{score:.2f}, {'<' if kind == 'v' else '>='} -1); override with --prediction")
+    alphas_cumprod, agree = sampling_schedule(cfg, schedule_buffers(state))
+    if agree is False:
+        notes.append("the checkpoint's alphas_cumprod differs from the config's linear schedule; "
+                     "sampling with the checkpoint's, as the original does")
     return LatentDiffusion(
         family=family, config=cfg, unet=unet, vae=autoencoder, text_encoder=text,
-        tokenizer=tokenizer_for(cfg.text), alphas_cumprod=_schedule(cfg, schedule_buffers(state), notes),
-        placement=placement, path=path, notes=notes)
+        tokenizer=tokenizer_for(cfg.text), alphas_cumprod=alphas_cumprod, placement=placement, path=path,
+        notes=notes)

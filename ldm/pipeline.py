@@ -66,8 +66,8 @@ def make_generators(seed: int, n: int, seed_mode: str = "original") -> Generator
 def encode_image(model: LatentDiffusion, images: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents, sampling the posterior as the original (one noise draw)."""
     posterior = model.vae.encode(images.to(model.placement.device, model.placement.dtype))
-    mean, std = posterior.mean.float(), posterior.std.float()
-    return model.scale_factor * (mean + std * randn(mean.shape, generator, mean.device))
+    # randn takes one generator or one per sample (per-sample seed mode)
+    return (model.scale_factor * posterior.sample(noise=randn(posterior.mean.shape, generator))).float()
 
 
 def latent_shape(model: LatentDiffusion, n: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -167,9 +167,12 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        # Drawn on the CPU in float32 so one seed gives the same latent on every device and dtype.
-        noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32)
+    def sample(self, generator: Optional[torch.Generator] = None,
+               noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mean + std * noise; `noise` (standard normal) is drawn from `generator` when not given."""
+        if noise is None:
+            # Drawn on the CPU in float32 so one seed gives the same latent on every device and dtype.
+            noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32)
         return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Two spaces (Karras et al. 2022 show they are the same ODE/SDE, scaled):
     alpha space   x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε at training timesteps t; `denoise(x, t) -> (eps, pred_x0)`
                   (`make_denoiser`): DDIM, PLMS, DDPM. Each has the signature
-                  steps(denoise, x, alphas_cumprod, num_steps, *, generator=None, t_start=None, ...) and
-                  DDIM/PLMS are in `SAMPLERS` with `eta=` too, as the pipeline calls them.
+                  steps(denoise, x, alphas_cumprod, num_steps, *, generator=None, t_start=None, ...)
+                  (DDIM also takes `eta=`).
     sigma space   x_σ = x0 + σ ε = x_t / √ᾱ_t at σ = √((1-ᾱ)/ᾱ); `denoise(x, sigma) -> (eps, pred_x0)`
                   (`make_sigma_denoiser`, k-diffusion's CompVisDenoiser): Euler, Euler a, Heun, DPM2,
                   DPM2 a, LMS, DPM++ 2M, DPM++ 2S a, DPM++ SDE. Each has the signature
@@ -44,10 +44,9 @@ from .step import Step, drain, sigma_loop
 
 # The alpha-space samplers as the pipeline calls them: steps(denoise, x, alphas_cumprod, num_steps,
 # eta=, generator=, t_start=). Every sampler is in `REGISTRY` (see `resolve_sampler`).
-SAMPLERS = {"ddim": ddim_steps, "plms": plms_steps}
 
 __all__ = [
-    "SAMPLERS", "REGISTRY", "SamplerSpec", "available", "register", "resolve_sampler",
+    "REGISTRY", "SamplerSpec", "available", "register", "resolve_sampler",
     "Step", "drain", "sigma_loop",
     "Denoise", "SigmaDenoise", "Guided", "make_guided", "make_denoiser", "make_sigma_denoiser", "append_dims",
     "pred_x0_from_eps",

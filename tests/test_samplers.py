@@ -12,9 +12,12 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from conftest import _fixture_state, fixture_config, fixture_meta, fixture_tensors
-from samplers import (SAMPLERS, UPSCALER_LINEAR, alphas_cumprod_from, ddim_sample, ddim_schedule, ddim_steps,
+from samplers import (UPSCALER_LINEAR, alphas_cumprod_from, ddim_sample, ddim_schedule, ddim_steps,
                       ddim_timesteps, drain, linear_alphas_cumprod, make_denoiser, plms_sample, plms_steps,
                       stochastic_encode)
+from samplers.registry import REGISTRY
+
+SAMPLERS = {name: REGISTRY[name].fn for name in ("ddim", "plms")}
 
 MODELS = ["sd1_tiny", "sd2_tiny", "sd2v_tiny"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
