@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from models.layers import set_attention_slicing
+from models.prepack import unpack_convolutions
 from models.tiling import enable_vae_tiling
 from samplers import drain
 from samplers.noise import randn
@@ -181,6 +182,7 @@ def load_for_run(args, plan) -> LatentDiffusion:
     if args.vae_tiling:
         enable_vae_tiling(model.vae)
     if args.compile:
+        unpack_convolutions(model.unet)  # the compiler packs its own weights; it cannot trace ours
         model.unet = torch.compile(model.unet)  # compiled on the first step; shapes are fixed per run
     return model
 

@@ -2,6 +2,8 @@
 
 The networks are built on the `meta` device and take the file's tensors with `assign=True`, so a 4 GB
 checkpoint is never held twice: a memory-mapped float32 file used in float32 on the CPU is not even copied.
+On the CPU the convolutions then reorder their weights once per input shape (models/prepack.py); call
+`models.prepack.unpack_convolutions` on a network before taking its state_dict or moving it.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from models.clip_text import CLIPTextModel, normalize_clip_keys
 from models.config import PRESETS, CLIPTextConfig, ConfigError, ModelConfig, from_yaml
+from models.prepack import can_prepack, prepack_convolutions
 from models.openclip_text import OpenCLIPTextModel, normalize_openclip_keys
 from models.tokenizer import Tokenizer, tokenizer_for
 from models.unet import UNetModel
@@ -201,6 +204,8 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
     release_vae = release if vae is None else PageReleaser(vae_path)
     unet, text = _place(unet, placement, release), _place(text, placement, release)
     autoencoder = _place(autoencoder, placement, release_vae)
+    if placement.device.type == "cpu" and can_prepack(placement.dtype):
+        prepack_convolutions(unet), prepack_convolutions(autoencoder)
     if cfg.parameterization is None:
         kind, score = detect_prediction(unet, cfg.unet.context_dim)
         cfg = replace(cfg, parameterization=kind)

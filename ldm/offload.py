@@ -17,6 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from models.prepack import unpack_convolutions
+
 from .loading import LatentDiffusion
 
 Device = Union[str, torch.device]
@@ -105,6 +107,8 @@ def enable_lowvram(model: LatentDiffusion, device: Optional[Device] = None, *, u
     device = torch.device(device) if device is not None else model.placement.device
     store = torch.device(store)
     pin = device.type == "cuda" and store.type == "cpu"
+    for net in (model.unet, model.vae):
+        unpack_convolutions(net)  # CPU-only weight layout: the units copy plain tensors
     modules = {"text_encoder": model.text_encoder}
     modules.update({f"unet.{k}": m for k, m in _unet_parts(model.unet).items()} if unet_parts
                    else {"unet": model.unet})

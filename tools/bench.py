@@ -191,6 +191,17 @@ def ldm_networks(s: Spec, state: dict) -> dict:
     return out
 
 
+def place_ldm(module, device: torch.device, dtype: torch.dtype, args) -> None:
+    """Move an ldm network as ldm.load leaves it: on a CPU, convolutions reorder their weights once per
+    input shape (models/prepack.py) unless --no-prepack."""
+    from models.prepack import can_prepack, prepack_convolutions, unpack_convolutions
+
+    unpack_convolutions(module)
+    module.to(device, dtype)
+    if device.type == "cpu" and can_prepack(dtype) and not args.no_prepack:
+        prepack_convolutions(module)
+
+
 def hf_clip_config(text_cfg):
     import transformers
 
@@ -407,8 +418,10 @@ def sd1_rows(bench: Bench, args, shared: Path, dtypes: list, tmp: Path) -> None:
     del state
     gc.collect()
     for dtype in dtypes:
-        for m in (*nets.values(), *refs.values()):
+        for m in refs.values():
             m.to(bench.device, dtype)
+        for m in nets.values():
+            place_ldm(m, bench.device, dtype, args)
         gc.collect()
         if "unet256" in args.rows:
             unet_row(bench, "unet256", s, nets, refs, size(args, 256), dtype)
@@ -429,8 +442,8 @@ def sd2_rows(bench: Bench, args, shared: Path) -> None:
     state = random_checkpoint(s, prefix="model.diffusion_model.")
     nets, refs = ldm_networks(s, state), diffusers_networks(s, state)
     del state
-    for m in (nets["unet"], refs["unet"]):
-        m.to(bench.device, torch.float32)
+    refs["unet"].to(bench.device, torch.float32)
+    place_ldm(nets["unet"], bench.device, torch.float32, args)
     gc.collect()
     image = size(args, args.sd2_size)
     unet_row(bench, "sd2", s, nets, refs, image, torch.float32)
@@ -594,6 +607,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per library before timing")
     p.add_argument("--steps", type=int, default=4, help="DDIM steps of the txt2img row")
     p.add_argument("--sd2-size", type=int, default=768, choices=(512, 768), help="image size of the sd2 row")
+    p.add_argument("--no-prepack", action="store_true", help="ldm's CPU convolutions without prepacked weights "
+                   "(to measure what the prepacking gains)")
     p.add_argument("--tiny", action="store_true", help="tiny reference configs and image sizes / 8 (smoke test)")
     p.add_argument("--shared", help="the shared/ folder with reference/ (default $LDM_SHARED or ../shared)")
     p.add_argument("--json", type=Path, help="write the results and the machine description here")

@@ -1,0 +1,84 @@
+"""Prepacked CPU convolutions (models/prepack.py) compute what F.conv2d computes, and undo cleanly."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ldm
+from conftest import FIXTURES, fixture_config, fixture_tensors, load_fixture_part
+from ldm.pipeline import txt2img
+from models.prepack import can_prepack, prepack_convolutions, unpack_convolutions
+from models.unet import UNetModel
+
+pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch has no oneDNN (mkldnn)")
+
+
+def _conv(cin, cout, k=3, stride=1, padding=1, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding).eval().requires_grad_(False)
+    return conv, conv.weight.detach().clone(), conv.bias.detach().clone()
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 2, 0)])
+def test_conv_equals_plain_on_both_sides_of_the_rule(k, stride, padding):
+    conv, w, b = _conv(64, 48, k, stride, padding)
+    assert prepack_convolutions(conv) == 1
+    small, large = torch.randn(2, 64, 3, 5), torch.randn(1, 64, 40, 24)  # weight outweighs / is outweighed
+    for x, packed in [(small, True), (large, False), (small, True), (small[:1], True)]:
+        with torch.no_grad():
+            out = conv(x)
+        expected = F.conv2d(x, w, b, stride, padding)
+        assert out.shape == expected.shape
+        assert (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+        assert conv.weight.is_mkldnn == packed
+    assert conv.packed_for == (1, 64, 3, 5)  # repacked for the new shape
+
+
+def test_unpack_restores_the_exact_weights_and_plain_forward():
+    conv, w, b = _conv(32, 32)
+    prepack_convolutions(conv)
+    with torch.no_grad():
+        conv(torch.randn(1, 32, 4, 4))
+    assert conv.weight.is_mkldnn
+    assert unpack_convolutions(conv) == 1
+    assert not conv.weight.is_mkldnn and "forward" not in vars(conv) and not hasattr(conv, "packed_for")
+    assert torch.equal(conv.weight, w) and torch.equal(conv.bias, b)
+    assert type(conv.weight) is nn.Parameter and not conv.weight.requires_grad
+    assert unpack_convolutions(conv) == 0
+
+
+def test_only_the_dtypes_onednn_packs():
+    assert not can_prepack(torch.float16)
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    assert can_prepack(torch.bfloat16) == bool(bf16)
+
+
+def test_unet_prepacked_matches_the_original_and_the_plain_path():
+    name = "sd1_tiny"
+    unet = UNetModel(fixture_config(name).unet).eval().requires_grad_(False)
+    unet.load_state_dict(load_fixture_part(name, "model.diffusion_model."), strict=True)
+    plain_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    f = fixture_tensors(name, "unet_forward")
+    with torch.no_grad():
+        plain = unet(f["x"], f["t"], f["context"])
+        n = prepack_convolutions(unet)
+        packed = unet(f["x"], f["t"], f["context"])
+    kinds = [m.weight.is_mkldnn for m in unet.modules() if isinstance(m, nn.Conv2d)]
+    assert n == len(kinds) and any(kinds), "the tiny UNet should exercise the packed path"
+    assert (packed - plain).abs().max().item() <= 1e-5
+    assert (packed - f["out"]).abs().max().item() <= 1e-4  # the original implementation's output
+    unpack_convolutions(unet)
+    assert all(torch.equal(v, plain_state[k]) for k, v in unet.state_dict().items())
+
+
+def test_load_on_cpu_prepacks_and_pipeline_output_is_unchanged():
+    name = "sd1_tiny"
+    path, yaml = FIXTURES[name] / f"{name}.safetensors", FIXTURES[name] / f"{name}.yaml"
+    model = ldm.load(path, config=yaml, device="cpu")
+    convs = [m for m in model.unet.modules() if isinstance(m, nn.Conv2d)]
+    assert all("forward" in vars(m) for m in convs)
+    images = [txt2img(model, "a bird", steps=4, seed=1, height=64, width=64)[0] for _ in range(2)]
+    unpack_convolutions(model.unet), unpack_convolutions(model.vae)
+    plain = txt2img(model, "a bird", steps=4, seed=1, height=64, width=64)[0]
+    assert torch.equal(images[0], images[1])
+    assert (images[0] - plain).abs().max().item() <= 1e-4
