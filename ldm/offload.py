@@ -19,7 +19,7 @@ from torch import nn
 
 from models.prepack import unpack_convolutions
 
-from .loading import LatentDiffusion
+from .loading import LatentDiffusion, place_now
 
 Device = Union[str, torch.device]
 
@@ -107,8 +107,9 @@ def enable_lowvram(model: LatentDiffusion, device: Optional[Device] = None, *, u
     device = torch.device(device) if device is not None else model.placement.device
     store = torch.device(store)
     pin = device.type == "cuda" and store.type == "cpu"
-    for net in (model.unet, model.vae):
-        unpack_convolutions(net)  # CPU-only weight layout: the units copy plain tensors
+    for net in (model.text_encoder, model.unet, model.vae):
+        place_now(net)  # the units copy the tensors as they are now
+        unpack_convolutions(net)  # a CPU-only weight layout
     modules = {"text_encoder": model.text_encoder}
     modules.update({f"unet.{k}": m for k, m in _unet_parts(model.unet).items()} if unet_parts
                    else {"unet": model.unet})

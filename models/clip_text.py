@@ -115,6 +115,10 @@ class CLIPTextModel(nn.Module):
             x = layer(x)
         return tm.final_layer_norm(x)
 
+    def skipped_blocks(self) -> tuple:
+        """The blocks `forward` never runs, built only so that every official key loads."""
+        return () if self.cfg.layer == "last" else (self.text_model.encoder.layers[-1],)
+
     @staticmethod
     def normalize_keys(sd: dict) -> dict:
         return normalize_clip_keys(sd)

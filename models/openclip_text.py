@@ -93,6 +93,10 @@ class OpenCLIPTextModel(nn.Module):
             x = block(x)
         return self.ln_final(x)
 
+    def skipped_blocks(self) -> tuple:
+        """The blocks `forward` never runs, built only so that every official key loads."""
+        return () if self.cfg.layer == "last" else (self.transformer.resblocks[-1],)
+
     @staticmethod
     def normalize_keys(sd: dict) -> dict:
         return normalize_openclip_keys(sd)

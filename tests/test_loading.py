@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import ldm
 from conftest import FIXTURES, LAYOUT_FAMILY, fixture_tensors, layout
-from ldm.loading import detect_prediction
+from ldm.loading import _converted, detect_prediction, place_now
 from models.clip_text import CLIPTextModel, normalize_clip_keys
 from models.config import PRESETS, CLIPTextConfig
 from models.openclip_text import OpenCLIPTextModel
@@ -79,6 +79,47 @@ def test_float32_file_on_cpu_stays_memory_mapped():
     assert ranges, "the file should be mapped"
     weight = model.unet.input_blocks[0][0].weight
     assert any(lo <= weight.data_ptr() < hi for lo, hi in ranges)
+
+
+@pytest.mark.parametrize("src,dst", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                     (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_conversion_on_load_equals_a_plain_cast(src, dst):
+    t = (torch.randn(3 * (1 << 20) + 5, generator=torch.Generator().manual_seed(0)) * 100).to(src)
+    t[:4] = torch.tensor([float("inf"), float("-inf"), 1e-7, 0.0])  # overflow, underflow, zero
+    scratch = torch.empty(1 << 20)
+    for x in (t, t[1:].view(-1, 2)[:, 0], t.view(-1)[: 1 << 20].view(1024, 1024).t()):  # and strided views
+        out = _converted(x, torch.device("cpu"), dst, scratch)
+        assert out.dtype == dst and out.shape == x.shape
+        assert torch.equal(out, x.to(dst))
+
+
+def _dtypes(module) -> set:
+    return {p.dtype for p in module.parameters()}
+
+
+@pytest.mark.parametrize("name", ["sd1_tiny", "sd2_tiny"])
+def test_parts_a_command_does_not_run_are_placed_on_their_first_call(name):
+    """The VAE encoder (unused by txt2img) and the text block SD 2 skips keep the file's tensors until
+    they run; then they are converted like the rest, and give the same results as placed eagerly."""
+    path, yaml = FIXTURES[name] / f"{name}.safetensors", FIXTURES[name] / f"{name}.yaml"
+    model = ldm.load(path, config=yaml, device="cpu", dtype="bfloat16")
+    skipped = model.text_encoder.skipped_blocks()
+    assert len(skipped) == (1 if name == "sd2_tiny" else 0)
+    assert _dtypes(model.unet) == _dtypes(model.vae.decoder) == {torch.bfloat16}
+    assert _dtypes(model.vae.encoder) == _dtypes(model.vae.quant_conv) == {torch.float32}  # the file's
+    assert all(_dtypes(b) == {torch.float32} for b in skipped)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        model.text_encoder(model.tokenizer(["a cat"]))
+        lazy_mean = model.vae.encode(image.bfloat16()).mean
+    assert _dtypes(model.vae.encoder) == _dtypes(model.vae.quant_conv) == {torch.bfloat16}
+    assert not hasattr(model.vae.encoder, "pending_placement")
+    assert all(_dtypes(b) == {torch.float32} for b in skipped)  # never run, never converted
+    eager = ldm.load(path, config=yaml, device="cpu", dtype="bfloat16")
+    place_now(eager.vae), place_now(eager.text_encoder)
+    assert _dtypes(eager.vae) == _dtypes(eager.text_encoder) == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(eager.vae.encode(image.bfloat16()).mean, lazy_mean)
 
 
 def _copy_without_config(tmp_path, name, transform=lambda sd: sd, suffix=".safetensors"):

@@ -37,8 +37,9 @@ Rows (`--rows`, comma-separated; default all):
                       on CUDA), every weight resident (read once: ldm memory-maps a float32 file and would
                       otherwise read it on first use); from an fp16 and an fp32 .safetensors, each load in a
                       fresh subprocess, with its peak RSS (VmHWM; for ldm it counts the mapped file's pages).
-                      ldm: `ldm.load(file, config=original.yaml)`. diffusers: `from_single_file` cannot build a
-                      pipeline offline (it fetches the diffusers configs from the hub), so the stand-in is what
+                      ldm: `ldm.load(file, config=original.yaml)`, then `place_now` on the parts it leaves for
+                      their first call (the VAE encoder), as diffusers loads them all. diffusers: `from_single_file`
+                      cannot build a pipeline offline (it fetches the diffusers configs from the hub), so the stand-in is what
                       it does per component, offline: diffusers' checkpoint reader once, then
                       `UNet2DConditionModel.from_single_file` / `AutoencoderKL.from_single_file` with
                       `original_config=` and `create_diffusers_clip_model_from_ldm` with a local CLIP config.
@@ -468,10 +469,14 @@ def load_child(args) -> int:
     start = time.perf_counter()
     if args.load_child == "ldm":
         import ldm
+        from ldm.loading import place_now
 
         def load():
             model = ldm.load(args.ckpt, config=folder / "original.yaml", device=args.device)
-            return [model.unet, model.vae, model.text_encoder]
+            nets = [model.unet, model.vae, model.text_encoder]
+            for net in nets:  # like for like: diffusers loads every part, ldm leaves unused ones for their first call
+                place_now(net)
+            return nets
     else:
         import transformers
         from diffusers import AutoencoderKL, UNet2DConditionModel
