@@ -183,7 +183,11 @@ def load_for_run(args, plan) -> LatentDiffusion:
         enable_vae_tiling(model.vae)
     if args.compile:
         unpack_convolutions(model.unet)  # the compiler packs its own weights; it cannot trace ours
-        model.unet = torch.compile(model.unet)  # compiled on the first step; shapes are fixed per run
+        # On the CPU, freezing lets inductor fold the weights in as constants and prepack every convolution
+        # and linear layer: a bf16 512x512 CFG step 1.36 s against 2.59 s eager (2 threads of an AMX Xeon),
+        # after 91 s of compiling. On CUDA the plain mode is the one measured (README).
+        options = {"freezing": True} if placement.device.type == "cpu" else None
+        model.unet = torch.compile(model.unet, options=options)  # compiled on the first step; shapes are fixed per run
     return model
 
 

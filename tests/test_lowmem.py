@@ -325,6 +325,23 @@ def test_memory_flags_on_the_command_line_give_the_same_image(tmp_path):
     assert np.abs(images[1] - images[0]).max() <= 1 and np.abs(images[2] - images[0]).max() <= 1
 
 
+@pytest.mark.slow  # about two minutes of compiling on a 2-core CPU
+def test_compile_on_the_cpu_gives_the_same_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import FIXTURES
+    from ldm import generate
+
+    base = ["--prompt", "a red apple", "--ckpt", str(FIXTURES["sd1_tiny"] / "sd1_tiny.ckpt"), "--H", "64", "--W",
+            "64", "--f", "2", "--ddim_steps", "4", "--n_samples", "1", "--n_iter", "1", "--skip_grid"]
+    images = []
+    for name, flags in [("eager", []), ("compiled", ["--compile"])]:
+        assert generate.main("txt2img", base + ["--outdir", str(tmp_path / name), *flags]) == 0
+        images.append(np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")).astype(int))
+    assert np.abs(images[1] - images[0]).max() <= 1
+
+
 def test_compile_and_lowvram_are_refused_together(tmp_path, capsys):
     from ldm import generate
 
