@@ -26,6 +26,7 @@ from weights import (CheckpointError, detect_family, ema_unet, is_lone_vae, read
 from weights.pages import PageReleaser
 
 from .device import Placement, configure_backends, resolve
+from .placing import place
 
 
 @dataclass
@@ -79,71 +80,6 @@ def _load_strict(module: nn.Module, state: dict, what: str, family: str, source:
     module.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     assert not left, f"{what} tensors never loaded (a buffer built in __init__?): {left[:3]}"
-
-
-_HALVES = (torch.float16, torch.bfloat16)
-_CHUNK = 1 << 20
-
-
-def _place(module: nn.Module, placement: Placement, release, later: tuple = ()) -> nn.Module:
-    """Move tensor by tensor to the compute device and dtype, handing each mapped original's pages back
-    as soon as it is copied, so the file is never resident next to its converted copy. A tensor that is
-    already right (a float32 file used as float32 on the CPU) is not copied: it stays memory-mapped.
-
-    Submodules in `later` are moved on their first call instead, so a part that a command never runs
-    (the VAE's encoder in txt2img, SD 2's last text block) is never converted nor sent to the GPU."""
-    deferred = {id(m) for part in later for m in part.modules()}
-    scratch = torch.empty(_CHUNK, dtype=torch.float32)  # for _converted; one per tensor would fragment the heap
-    for mod in module.modules():
-        if id(mod) in deferred:
-            continue
-        for table in (mod._parameters, mod._buffers):
-            for name, t in table.items():
-                if t is None:
-                    continue
-                dtype = placement.dtype if t.is_floating_point() else t.dtype
-                if t.device == placement.device and t.dtype == dtype:
-                    continue
-                moved = _converted(t.detach(), placement.device, dtype, scratch)
-                table[name] = nn.Parameter(moved, requires_grad=False) if table is mod._parameters else moved
-                release(t)
-    for part in later:
-        _place_on_first_call(part, placement, release)
-    return module.eval().requires_grad_(False)
-
-
-def _converted(t: torch.Tensor, device: torch.device, dtype: torch.dtype, scratch: torch.Tensor) -> torch.Tensor:
-    """t on `device` in `dtype`; on the CPU float16 <-> bfloat16 goes through `scratch`, float32, 1M values
-    at a time: PyTorch's direct half-to-half cast runs 0.94 G values/s on the 2-core EPYC, the two casts
-    that replace it 2.65 (a 2 GB float16 file is 1.07 G values)."""
-    if device.type != "cpu" or t.dtype == dtype:
-        return t.to(device=device, dtype=dtype)
-    out = torch.empty(t.shape, dtype=dtype)
-    if not (t.dtype in _HALVES and dtype in _HALVES and t.is_contiguous()):
-        return out.copy_(t)
-    src, dst = t.view(-1), out.view(-1)
-    for s in range(0, src.numel(), _CHUNK):
-        part = scratch[:min(_CHUNK, src.numel() - s)]
-        dst[s:s + _CHUNK].copy_(part.copy_(src[s:s + _CHUNK]))
-    return out
-
-
-def _place_on_first_call(part: nn.Module, placement: Placement, release) -> None:
-    def place(*_):
-        handle.remove()
-        del part.pending_placement
-        _place(part, placement, release)
-
-    handle = part.register_forward_pre_hook(place)
-    part.pending_placement = place
-
-
-def place_now(module: nn.Module) -> None:
-    """Move the parts `load` left for their first call now (before copying the tensors elsewhere, as
-    offloading does)."""
-    for mod in list(module.modules()):
-        if hasattr(mod, "pending_placement"):
-            mod.pending_placement()
 
 
 def detect_prediction(unet: nn.Module, context_dim: int) -> tuple[str, float]:
@@ -249,8 +185,8 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
     _load_strict(text, normalize(parts.parts[text_key]), "text encoder", family, path)
     release = PageReleaser(path)
     release_vae = release if vae is None else PageReleaser(vae_path)
-    unet, text = _place(unet, placement, release), _place(text, placement, release, later=text.skipped_blocks())
-    autoencoder = _place(autoencoder, placement, release_vae, later=(autoencoder.encoder, autoencoder.quant_conv))
+    unet, text = place(unet, placement, release), place(text, placement, release, later=text.skipped_blocks())
+    autoencoder = place(autoencoder, placement, release_vae, later=(autoencoder.encoder, autoencoder.quant_conv))
     if placement.device.type == "cpu" and can_prepack(placement.dtype):
         prepack_convolutions(unet), prepack_convolutions(autoencoder)
     if cfg.parameterization is None:

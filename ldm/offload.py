@@ -19,7 +19,8 @@ from torch import nn
 
 from models.prepack import unpack_convolutions
 
-from .loading import LatentDiffusion, place_now
+from .loading import LatentDiffusion
+from .placing import place_now
 
 Device = Union[str, torch.device]
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import ldm
 from conftest import FIXTURES, LAYOUT_FAMILY, fixture_tensors, layout
-from ldm.loading import _converted, detect_prediction, place_now
+from ldm.loading import detect_prediction
+from ldm.placing import converted, place_now
 from models.clip_text import CLIPTextModel, normalize_clip_keys
 from models.config import PRESETS, CLIPTextConfig
 from models.openclip_text import OpenCLIPTextModel
@@ -88,7 +89,7 @@ def test_conversion_on_load_equals_a_plain_cast(src, dst):
     t[:4] = torch.tensor([float("inf"), float("-inf"), 1e-7, 0.0])  # overflow, underflow, zero
     scratch = torch.empty(1 << 20)
     for x in (t, t[1:].view(-1, 2)[:, 0], t.view(-1)[: 1 << 20].view(1024, 1024).t()):  # and strided views
-        out = _converted(x, torch.device("cpu"), dst, scratch)
+        out = converted(x, torch.device("cpu"), dst, scratch)
         assert out.dtype == dst and out.shape == x.shape
         assert torch.equal(out, x.to(dst))
 

@@ -469,7 +469,7 @@ def load_child(args) -> int:
     start = time.perf_counter()
     if args.load_child == "ldm":
         import ldm
-        from ldm.loading import place_now
+        from ldm.placing import place_now
 
         def load():
             model = ldm.load(args.ckpt, config=folder / "original.yaml", device=args.device)
