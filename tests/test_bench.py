@@ -70,7 +70,8 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("side", ["ldm", "diffusers"])
-def test_load_child_reports_time_and_memory(side, tmp_path, capsys):
+@pytest.mark.parametrize("load_dtype", [None, "bfloat16"])
+def test_load_child_reports_time_and_memory(side, load_dtype, tmp_path, capsys):
     """What each fresh load process runs (here in-process: a subprocess would import diffusers again)."""
     from make_checkpoint import save
 
@@ -78,13 +79,29 @@ def test_load_child_reports_time_and_memory(side, tmp_path, capsys):
     bench.prepare_load_dir(s, tmp_path)
     ckpt = tmp_path / "tiny-fp16.safetensors"
     save(bench.random_checkpoint(s, dtype=torch.float16), ckpt)
-    assert bench.main(["--load-child", side, "--ckpt", str(ckpt), "--load-child-dir", str(tmp_path)]) == 0
+    extra = ["--load-dtype", load_dtype] if load_dtype else []
+    assert bench.main(["--load-child", side, "--ckpt", str(ckpt), "--load-child-dir", str(tmp_path), *extra]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("LOAD_RESULT "))
     result = json.loads(line[len("LOAD_RESULT "):])
-    assert result["dtypes"] == ["float32"]  # an fp16 file ready on the CPU in its default dtype
+    # an fp16 file ready on the CPU in its default dtype, or the one asked for
+    assert result["dtypes"] == [load_dtype or "float32"]
     assert result["seconds"] > 0 and result["peak_rss_gb"] >= result["rss_before_gb"] > 0
 
 
 def test_unknown_row_is_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "unet1024"])
+
+
+def test_compile_needs_a_warm_up():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--compile", "--warmup", "0"])
+
+
+@pytest.mark.slow  # a couple of minutes of compiling on a 2-core CPU
+def test_compiled_unet_row_computes_what_diffusers_does(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--rows", "unet256", "--dtypes", "float32", "--repeats", "1", "--compile",
+                       "--shared", str(SHARED), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["label"].endswith("(ldm compiled)") and row["max_abs_diff"] <= 1e-4

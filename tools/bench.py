@@ -5,6 +5,7 @@
     .venv/bin/python tools/bench.py --rows unet512,txt2img --dtypes float32,bfloat16 --steps 4
     .venv/bin/python tools/bench.py --device cuda --dtypes float32,float16,bfloat16 --steps 20 --json cuda.json
     .venv/bin/python tools/bench.py --tiny --repeats 1 --warmup 0         # tiny configs: a smoke run in seconds
+    OMP_NUM_THREADS=2 .venv/bin/python tools/bench.py --rows unet512 --dtypes bfloat16 --compile  # ldm compiled
 
 Needs the reference data (`../shared`, or `LDM_SHARED=...`, or `--shared`) for the official key layouts, plus
 diffusers and transformers (the test extras); nothing is downloaded. Full-size models: about 9 GB of RAM
@@ -34,7 +35,7 @@ Rows (`--rows`, comma-separated; default all):
                       no safety checker, and a CLIPTokenizer written from open_clip's BPE (same token ids);
                       both start from the same x_T
     load              file -> the three networks on `--device`, in its default dtype (float32 on a CPU, float16
-                      on CUDA), every weight resident (read once: ldm memory-maps a float32 file and would
+                      on CUDA) or `--load-dtype`, every weight resident (read once: ldm memory-maps a float32 file and would
                       otherwise read it on first use); from an fp16 and an fp32 .safetensors, each load in a
                       fresh subprocess, with its peak RSS (VmHWM; for ldm it counts the mapped file's pages).
                       ldm: `ldm.load(file, config=original.yaml)`, then `place_now` on the parts it leaves for
@@ -345,8 +346,12 @@ def unet_row(bench: Bench, row: str, s: Spec, nets: dict, refs: dict, image: int
         uncond, cond = out.chunk(2)
         return uncond + GUIDANCE * (cond - uncond)
 
-    unet, ref = nets["unet"], refs["unet"]
-    bench.compare(row, f"{s.name} unet cfg step {image}x{image} {dtype_name(dtype)}",
+    unet, ref, compiled = nets["unet"], refs["unet"], ""
+    if bench.args.compile:  # ldm's unet as `--compile` runs it; compiled in the warm-up; diffusers stays eager
+        from ldm.generate import compile_unet
+
+        unet, compiled = compile_unet(unet, device), " (ldm compiled)"
+    bench.compare(row, f"{s.name} unet cfg step {image}x{image} {dtype_name(dtype)}{compiled}",
                   lambda: guide(unet(torch.cat([x, x]), t, context)),
                   lambda: guide(ref(torch.cat([x, x]), t, encoder_hidden_states=context).sample),
                   dtype=dtype_name(dtype), size=image, batch=2)
@@ -465,14 +470,14 @@ def load_child(args) -> int:
     """Runs in a fresh process: load one checkpoint with one library and print a JSON line."""
     folder = Path(args.load_child_dir)
     device = torch.device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.float16  # ldm's default for the device
+    dtype = ready_dtype(args, device)
     start = time.perf_counter()
     if args.load_child == "ldm":
         import ldm
         from ldm.placing import place_now
 
         def load():
-            model = ldm.load(args.ckpt, config=folder / "original.yaml", device=args.device)
+            model = ldm.load(args.ckpt, config=folder / "original.yaml", device=args.device, dtype=dtype_name(dtype))
             nets = [model.unet, model.vae, model.text_encoder]
             for net in nets:  # like for like: diffusers loads every part, ldm leaves unused ones for their first call
                 place_now(net)
@@ -523,9 +528,17 @@ def load_child(args) -> int:
     return 0
 
 
+def ready_dtype(args, device: torch.device) -> torch.dtype:
+    """The load rows' compute dtype: --load-dtype, else ldm's default for the device."""
+    if args.load_dtype:
+        return DTYPES[args.load_dtype]
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
 def run_child(side: str, ckpt: Path, folder: Path, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--load-child", side, "--ckpt", str(ckpt),
-           "--load-child-dir", str(folder), "--device", args.device]
+           "--load-child-dir", str(folder), "--device", args.device] + (["--load-dtype", args.load_dtype]
+                                                                       if args.load_dtype else [])
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith("LOAD_RESULT ")]
     if result.returncode != 0 or not lines:
@@ -547,7 +560,7 @@ def load_rows(bench: Bench, args, shared: Path, tmp: Path) -> None:
 
     s = spec("sd1", args.tiny, shared)
     prepare_load_dir(s, tmp)
-    ready = dtype_name(torch.float32 if bench.device.type == "cpu" else torch.float16)
+    ready = dtype_name(ready_dtype(args, bench.device))
     for file_dtype in (torch.float16, torch.float32):
         ckpt = tmp / f"{s.name}-{dtype_name(file_dtype)}.safetensors"
         save(random_checkpoint(s, dtype=file_dtype), ckpt)
@@ -612,6 +625,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per library before timing")
     p.add_argument("--steps", type=int, default=4, help="DDIM steps of the txt2img row")
     p.add_argument("--sd2-size", type=int, default=768, choices=(512, 768), help="image size of the sd2 row")
+    p.add_argument("--load-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="the dtype the load rows make ready (default: float32 on a CPU, float16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="time ldm's UNet rows compiled as `--compile` does "
+                   "(freezing on a CPU) against diffusers in eager mode; compiling happens in the warm-up")
     p.add_argument("--no-prepack", action="store_true", help="ldm's CPU convolutions without prepacked weights "
                    "(to measure what the prepacking gains)")
     p.add_argument("--tiny", action="store_true", help="tiny reference configs and image sizes / 8 (smoke test)")
@@ -630,6 +647,8 @@ def parse_args(argv=None):
         p.error(f"unknown dtypes {args.dtypes}; choose from {','.join(DTYPES)}")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1: the first call compiles")
     return args
 
 
