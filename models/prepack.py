@@ -47,12 +47,18 @@ def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             conv.weight, conv.packed_for = nn.Parameter(_plain(conv.weight), requires_grad=False), None
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     padding, stride, dilation, groups = _conv_args(conv)
-    if conv.packed_for != shape:
-        packed = torch.ops.mkldnn._reorder_convolution_weight(_plain(conv.weight), padding, stride, dilation,
-                                                              groups, list(shape))
-        conv.weight, conv.packed_for = nn.Parameter(packed, requires_grad=False), shape
-    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, padding, stride, dilation, groups,
-                                                   "none", [], "")
+    try:
+        if conv.packed_for != shape:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(_plain(conv.weight), padding, stride, dilation,
+                                                                  groups, list(shape))
+            conv.weight, conv.packed_for = nn.Parameter(packed, requires_grad=False), shape
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, padding, stride, dilation,
+                                                       groups, "none", [], "")
+    except RuntimeError:
+        # A oneDNN build without these kernels (only x86 Linux was tried): F.conv2d from now on, which
+        # also raises the error again if the input itself was wrong.
+        unpack_convolutions(conv)
+        return conv(x)
 
 
 def _convolutions(module: nn.Module) -> list:

@@ -47,6 +47,23 @@ def test_unpack_restores_the_exact_weights_and_plain_forward():
     assert unpack_convolutions(conv) == 0
 
 
+def test_a_onednn_without_the_kernels_falls_back_to_plain_convolution(monkeypatch):
+    def missing(*args):
+        raise RuntimeError("no such kernel in this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", missing)
+    conv, w, b = _conv(64, 48)
+    prepack_convolutions(conv)
+    x = torch.randn(1, 64, 3, 3)
+    with torch.no_grad():
+        out = conv(x)
+    assert torch.equal(out, F.conv2d(x, w, b, 1, 1))
+    assert "forward" not in vars(conv) and not conv.weight.is_mkldnn and torch.equal(conv.weight, w)
+    with pytest.raises(RuntimeError):  # a genuinely wrong input still fails, as nn.Conv2d's own error
+        prepack_convolutions(conv)
+        conv(torch.randn(1, 5, 3, 3))
+
+
 def test_only_the_dtypes_onednn_packs():
     assert not can_prepack(torch.float16)
     bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
