@@ -16,8 +16,8 @@ from torch import nn
 
 from models.clip_text import CLIPTextModel, normalize_clip_keys
 from models.config import PRESETS, CLIPTextConfig, ConfigError, ModelConfig, from_yaml
-from models.prepack import can_prepack, prepack_convolutions
 from models.openclip_text import OpenCLIPTextModel, normalize_openclip_keys
+from models.prepack import can_prepack, prepack_convolutions
 from models.tokenizer import Tokenizer, tokenizer_for
 from models.unet import UNetModel
 from models.vae import AutoencoderKL
@@ -187,13 +187,13 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
     release_vae = release if vae is None else PageReleaser(vae_path)
     unet, text = place(unet, placement, release), place(text, placement, release, later=text.skipped_blocks())
     autoencoder = place(autoencoder, placement, release_vae, later=(autoencoder.encoder, autoencoder.quant_conv))
-    if placement.device.type == "cpu" and can_prepack(placement.dtype):
-        prepack_convolutions(unet), prepack_convolutions(autoencoder)
     if cfg.parameterization is None:
         kind, score = detect_prediction(unet, cfg.unet.context_dim)
         cfg = replace(cfg, parameterization=kind)
         notes.append(f"prediction type {kind} (no config says; one UNet call at t=999 gave mean(out - x) = "
                      f"{score:.2f}, {'<' if kind == 'v' else '>='} -1); override with --prediction")
+    if placement.device.type == "cpu" and can_prepack(placement.dtype):  # after the probe's odd 8x8 shape
+        prepack_convolutions(unet), prepack_convolutions(autoencoder)
     alphas_cumprod, agree = sampling_schedule(cfg, schedule_buffers(state))
     if agree is False:
         notes.append("the checkpoint's alphas_cumprod differs from the config's linear schedule; "
