@@ -47,8 +47,8 @@ Rows (`--rows`, comma-separated; default all):
                       Without `accelerate` installed diffusers initialises random weights before loading, as
                       it would for a user. A last row gives each library's import time in those processes.
     sd2               the SD 2.x 768-v UNet (its official layout and config): one CFG step at `--sd2-size`
-                      (default 768; 512 for a quicker run), float32 only
-The SD 1.x rows (all but load and sd2) run once per `--dtypes` entry (default float32,bfloat16; bfloat16 on
+                      (default 768; 512 for a quicker run), once per `--dtypes` entry
+The SD 1.x rows (all but load) and sd2 run once per `--dtypes` entry (default float32,bfloat16; bfloat16 on
 a CPU without native support is emulated, and a note says so; `--dtypes float32` skips it).
 
 Output: a table of ldm's and diffusers' medians, ldm/diffusers (below 1: ldm is faster) and the max abs
@@ -443,16 +443,16 @@ def sd1_rows(bench: Bench, args, shared: Path, dtypes: list, tmp: Path) -> None:
     gc.collect()
 
 
-def sd2_rows(bench: Bench, args, shared: Path) -> None:
+def sd2_rows(bench: Bench, args, shared: Path, dtypes: list) -> None:
     s = spec("sd2v", args.tiny, shared)
     state = random_checkpoint(s, prefix="model.diffusion_model.")
     nets, refs = ldm_networks(s, state), diffusers_networks(s, state)
     del state
-    refs["unet"].to(bench.device, torch.float32)
-    place_ldm(nets["unet"], bench.device, torch.float32, args)
-    gc.collect()
-    image = size(args, args.sd2_size)
-    unet_row(bench, "sd2", s, nets, refs, image, torch.float32)
+    for dtype in dtypes:
+        refs["unet"].to(bench.device, dtype)
+        place_ldm(nets["unet"], bench.device, dtype, args)
+        gc.collect()
+        unet_row(bench, "sd2", s, nets, refs, size(args, args.sd2_size), dtype)
     del nets, refs
     gc.collect()
 
@@ -670,9 +670,10 @@ def main(argv=None) -> int:
           f"diffusers {info['diffusers']}, transformers {info['transformers']}, device {device}"
           + (f" ({info['gpu']})" if "gpu" in info else ""), flush=True)
     sd1 = bool(set(args.rows) & {"unet256", "unet512", "vae", "text", "txt2img"})
-    if sd1 and device.type == "cpu" and torch.bfloat16 in dtypes and not cpu_has_bf16():
+    per_dtype = sd1 or "sd2" in args.rows
+    if per_dtype and device.type == "cpu" and torch.bfloat16 in dtypes and not cpu_has_bf16():
         bench.note("this CPU has no native bfloat16 (AVX-512 BF16, AMX or ARM BF16): bfloat16 rows run emulated")
-    if sd1 and device.type == "cpu" and torch.float16 in dtypes:
+    if per_dtype and device.type == "cpu" and torch.float16 in dtypes:
         bench.note("float16 on a CPU: ldm's own policy would use bfloat16 or float32 instead; timed as asked")
     if "sd2" in args.rows and args.sd2_size != 768:
         bench.note(f"sd2 row at {args.sd2_size}x{args.sd2_size} instead of the 768-v model's native 768x768")
@@ -686,7 +687,7 @@ def main(argv=None) -> int:
         if sd1 and dtypes:
             sd1_rows(bench, args, shared, dtypes, tmp)
         if "sd2" in args.rows:
-            sd2_rows(bench, args, shared)
+            sd2_rows(bench, args, shared, dtypes or [torch.float32])
     info.update({k: v for k, v in machine(device).items() if "tf32" in k})
     if args.json:
         args.json.write_text(json.dumps({
