@@ -49,3 +49,22 @@ def fixture_tensors(name: str, stem: str) -> dict:
 
 def fixture_meta(name: str, stem: str) -> dict:
     return json.loads((FIXTURES[name] / f"{stem}.json").read_text())
+
+
+def diffusers_vae_twin(ours):
+    """diffusers' AutoencoderKL holding `ours`'s weights, built and converted by diffusers' own
+    single-file code from an original-format config and checkpoint."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
+                                                     create_vae_diffusers_config_from_ldm)
+
+    cfg = ours.cfg
+    checkpoint = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
+    ddconfig = {"ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "in_channels": cfg.in_channels,
+                "out_ch": cfg.out_ch, "z_channels": cfg.z_channels, "num_res_blocks": cfg.num_res_blocks}
+    original_config = {"model": {"params": {"scale_factor": 0.18215, "first_stage_config": {
+        "params": {"embed_dim": cfg.embed_dim, "ddconfig": ddconfig}}}}}
+    dconfig = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
+    theirs = DiffusersVAE(**dconfig).eval()
+    theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, dconfig), strict=True)
+    return theirs

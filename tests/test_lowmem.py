@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import ldm
-from conftest import FIXTURES, fixture_config, load_fixture_part
+from conftest import FIXTURES, diffusers_vae_twin, fixture_config, load_fixture_part
 from ldm.offload import enable_lowvram
 from ldm.pipeline import img2img, txt2img
 from models import layers
@@ -152,23 +152,6 @@ def test_blending_is_seamless_where_tiles_disagree():
 
 
 # ---------------------------------------------------------------- 3. VAE tiling: the fixture VAE
-def _diffusers_twin(ours: AutoencoderKL):
-    """diffusers' AutoencoderKL with `ours`'s weights, converted by diffusers' own single-file code."""
-    from diffusers import AutoencoderKL as DiffusersVAE
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-
-    cfg = ours.cfg
-    checkpoint = {VAE_PREFIX + k: v for k, v in ours.state_dict().items()}
-    ddconfig = {"ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "in_channels": cfg.in_channels, "out_ch": cfg.out_ch,
-                "z_channels": cfg.z_channels, "num_res_blocks": cfg.num_res_blocks}
-    original = {"model": {"params": {"scale_factor": 0.18215, "first_stage_config": {
-        "params": {"embed_dim": cfg.embed_dim, "ddconfig": ddconfig}}}}}
-    dconfig = create_vae_diffusers_config_from_ldm(original, checkpoint)
-    theirs = DiffusersVAE(**dconfig).eval()
-    theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, dconfig), strict=True)
-    return theirs
-
-
 def test_one_tile_is_the_untiled_vae():
     vae = _fixture_vae()
     g = torch.Generator().manual_seed(4)
@@ -188,7 +171,7 @@ def test_tiled_vae_is_close_to_untiled_and_closer_than_diffusers_tiling():
     output is loose and the sharp one is relative: diffusers' `enable_tiling` on the same weights
     and tiles must differ from the untiled output at least as much as ours."""
     vae = _fixture_vae()
-    theirs = _diffusers_twin(vae)
+    theirs = diffusers_vae_twin(vae)
     theirs.tile_latent_min_size, theirs.tile_sample_min_size, theirs.tile_overlap_factor = 24, 48, 0.25
     g = torch.Generator().manual_seed(5)
     z, image = torch.randn(1, 4, 48, 40, generator=g), torch.rand(1, 3, 96, 80, generator=g) * 2 - 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import diffusers_vae_twin
 from models.config import PRESETS, VAEConfig, from_yaml
 from models.vae import AutoencoderKL
 
@@ -85,25 +86,6 @@ def test_matches_original_implementation(name):
 
 
 # ---------------------------------------------------------------- 3. diffusers with the same weights
-def _diffusers_twin(ours: AutoencoderKL):
-    """diffusers' AutoencoderKL holding `ours`'s weights, built and converted by diffusers' own
-    single-file code from an original-format config and checkpoint."""
-    from diffusers import AutoencoderKL as DiffusersVAE
-    from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
-                                                     create_vae_diffusers_config_from_ldm)
-
-    cfg = ours.cfg
-    checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    ddconfig = {"ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "in_channels": cfg.in_channels,
-                "out_ch": cfg.out_ch, "z_channels": cfg.z_channels, "num_res_blocks": cfg.num_res_blocks}
-    original_config = {"model": {"params": {"scale_factor": 0.18215, "first_stage_config": {
-        "params": {"embed_dim": cfg.embed_dim, "ddconfig": ddconfig}}}}}
-    dconfig = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
-    theirs = DiffusersVAE(**dconfig).eval()
-    theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, dconfig), strict=True)
-    return theirs
-
-
 def _diffs_vs_diffusers(ours: AutoencoderKL, theirs, hw: tuple[int, int]) -> dict:
     cfg = ours.cfg
     image = torch.rand((1, 3, *hw), generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -126,7 +108,7 @@ def _diffs_vs_diffusers(ours: AutoencoderKL, theirs, hw: tuple[int, int]) -> dic
 @pytest.mark.parametrize("cfg,hw", [(TINY, (32, 32)), (TINY, (24, 40)), (TINY_F4, (32, 48))])
 def test_matches_diffusers(cfg, hw):
     ours = _random_vae(cfg, seed=0)
-    diffs = _diffs_vs_diffusers(ours, _diffusers_twin(ours), hw)
+    diffs = _diffs_vs_diffusers(ours, diffusers_vae_twin(ours), hw)
     scale = diffs.pop("scale")
     print(cfg.ch_mult, hw, diffs, "output scale", scale)
     assert max(diffs.values()) <= 1e-4, diffs
@@ -139,7 +121,7 @@ def test_full_size_sd_vae_matches_diffusers():
     cfg = PRESETS["sd1"].vae
     ours = _random_vae(cfg, seed=10)
     assert sum(p.numel() for p in ours.parameters()) == 83_653_863
-    theirs = _diffusers_twin(ours)
+    theirs = diffusers_vae_twin(ours)
     diffs = _diffs_vs_diffusers(ours, theirs, (128, 128))
     del theirs
     scale = diffs.pop("scale")
