@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REFERENCE
 from models.clip_text import CLIPTextModel, normalize_clip_keys
 from models.config import CLIP_L, OPENCLIP_H, CLIPTextConfig, OpenCLIPTextConfig, from_yaml
 from models.openclip_text import OpenCLIPTextModel, normalize_openclip_keys
 from models.tokenizer import END, START, Tokenizer, tokenizer_for
 
-REF = Path("/work/shared/reference")
-FIX = REF / "fixtures"
+FIX = REFERENCE / "fixtures"
 TOL = 1e-4
 # for the full-size towers: the kind of prompt SD sees, tokenized by each family's own tokenizer
 REAL_PROMPTS = [
@@ -61,7 +60,7 @@ def _randomize(module: torch.nn.Module, seed: int, fan_in: bool = False) -> None
     (OpenCLIPTextModel, OPENCLIP_H, "sd2_base.json", "cond_stage_model.model."),
 ])
 def test_layout_matches_official(model_cls, cfg, layout, prefix):
-    keys = json.loads((REF / "layouts" / layout).read_text())["keys"]
+    keys = json.loads((REFERENCE / "layouts" / layout).read_text())["keys"]
     expected = {k[len(prefix):]: shape for k, (shape, _) in keys.items() if k.startswith(prefix)}
     expected.pop("text_model.embeddings.position_ids", None)
     with torch.device("meta"):

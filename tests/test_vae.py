@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import diffusers_vae_twin
+from conftest import REFERENCE, diffusers_vae_twin
 from models.config import PRESETS, VAEConfig, from_yaml
 from models.vae import AutoencoderKL
 
-REF = Path("/work/shared/reference")
 PREFIX = "first_stage_model."
 TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=64)
 TINY_F4 = replace(TINY, ch_mult=(1, 2, 2))
@@ -43,7 +41,7 @@ def _random_vae(cfg: VAEConfig, seed: int) -> AutoencoderKL:
 # ---------------------------------------------------------------- 1. key layout
 @pytest.mark.parametrize("layout,cfg", [("sd1", VAEConfig()), ("x4_upscaler", VAEConfig(ch_mult=(1, 2, 4)))])
 def test_layout_matches_official_checkpoint(layout, cfg):
-    keys = json.loads((REF / "layouts" / f"{layout}.json").read_text())["keys"]
+    keys = json.loads((REFERENCE / "layouts" / f"{layout}.json").read_text())["keys"]
     expected = {k[len(PREFIX):]: tuple(v[0]) for k, v in keys.items() if k.startswith(PREFIX)}
     with torch.device("meta"):
         vae = AutoencoderKL(cfg)
@@ -54,7 +52,7 @@ def test_layout_matches_official_checkpoint(layout, cfg):
 # ---------------------------------------------------------------- 2. the original implementation
 @pytest.mark.parametrize("name", ["sd1_tiny", "sd2_tiny", "sd2v_tiny"])
 def test_matches_original_implementation(name):
-    d = REF / "fixtures" / name
+    d = REFERENCE / "fixtures" / name
     config = from_yaml(d / f"{name}.yaml")
     weights = load_file(d / f"{name}.safetensors")
     vae = AutoencoderKL(config.vae).eval()
