@@ -32,11 +32,15 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # One statement per step and in-place activations, so at most three full-size tensors are alive
+        # at once (four otherwise): at 1024x1024 each is 537 MB.
+        h = F.silu(self.norm1(x), inplace=True)
+        h = self.conv1(h)
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x)
 
 
 class AttnBlock(nn.Module):
@@ -53,7 +57,7 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         q, k, v = (m(y).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, hw, C)
         out = attention(q, k, v, heads=1, slices=self.attention_slices).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        return self.proj_out(out).add_(x)
 
 
 class Downsample(nn.Module):
@@ -126,7 +130,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = _run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -155,7 +159,7 @@ class Decoder(nn.Module):
             h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class DiagonalGaussian:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import REFERENCE, diffusers_vae_twin
 from models.config import PRESETS, VAEConfig, from_yaml
-from models.vae import AutoencoderKL
+from models.vae import AttnBlock, AutoencoderKL, ResnetBlock
 
 PREFIX = "first_stage_model."
 TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=64)
@@ -143,3 +143,26 @@ def test_sample_is_seeded_and_batch_independent():
     assert torch.equal(post.mode(), post.mean)
     assert _max_diff(post.mean[:1], alone.mean) <= 1e-5
     assert _max_diff(post.logvar[:1], alone.logvar) <= 1e-5
+
+
+def test_in_place_activations_never_touch_the_callers_tensors():
+    """The blocks apply SiLU and add residuals in place on their own fresh tensors only: the inputs
+    survive, a second call gives the same result, and gradients still flow (guidance research)."""
+    vae = _random_vae(TINY, seed=2)
+    images = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    z = torch.randn((1, TINY.embed_dim, 8, 8), generator=torch.Generator().manual_seed(4))
+    images_before, z_before = images.clone(), z.clone()
+    with torch.no_grad():
+        first, mean = vae.decode(z), vae.encode(images).mean
+        assert torch.equal(vae.decode(z), first)
+    assert torch.equal(z, z_before) and torch.equal(images, images_before)
+    assert torch.equal(vae.encode(images).mean, mean)
+    for block in (ResnetBlock(32, 32), ResnetBlock(32, 64), AttnBlock(32)):
+        x = torch.randn((1, 32, 8, 8), generator=torch.Generator().manual_seed(5))
+        x_before = x.clone()
+        with torch.no_grad():
+            block(x)
+        assert torch.equal(x, x_before), type(block).__name__
+    z.requires_grad_(True)
+    vae.decode(z).square().mean().backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
