@@ -165,9 +165,11 @@ def _run_img2img(model, args, plan, writer, generators) -> None:
 
 
 def compile_unet(unet: nn.Module, device: torch.device) -> nn.Module:
-    """torch.compile for sampling. On the CPU with freezing: inductor folds the weights in as constants and
-    prepacks every convolution and linear layer (a bf16 512x512 CFG step 1.36 s against 2.59 s eager on 2
-    threads of an AMX Xeon, after 91 s of compiling). On CUDA the plain mode is the one measured (README)."""
+    """torch.compile for sampling. On the CPU with freezing: inductor folds the weights in as constants (a bf16
+    512x512 CFG step 1.36 s against 2.59 s eager on 2 threads of an AMX Xeon, after 91 s of compiling). In
+    float32 on a 2-core AVX2 EPYC it lost: 5.5 s against 3.2 s eager at 256x256, its convolutions reordering
+    their weights on every call where ldm's eager ones are prepacked. On CUDA the plain mode is the one
+    measured (README)."""
     unpack_convolutions(unet)  # the compiler packs its own weights; it cannot trace ours
     return torch.compile(unet, options={"freezing": True} if device.type == "cpu" else None)
 
@@ -192,6 +194,9 @@ def load_for_run(args, plan) -> LatentDiffusion:
         enable_vae_tiling(model.vae)
     if args.compile:
         model.unet = compile_unet(model.unet, placement.device)  # compiled on the first step; shapes are fixed per run
+        if placement.device.type == "cpu" and placement.dtype == torch.float32:
+            model.notes.append("--compile in float32 on the CPU was measured slower than without it (AVX2: 5.5 s "
+                               "against 3.2 s a 256x256 step); it pays in bfloat16, on CPUs that have it")
     return model
 
 

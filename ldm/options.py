@@ -130,7 +130,7 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
       help="compute attention in N slices of queries: less memory on CPU/MPS (CUDA's kernels need none)")
     a("--compile", action="store_true",
       help="torch.compile the UNet: a minute or more of compiling first, then faster steps "
-           "(CUDA; on the CPU it pays after about 75 steps)")
+           "(CUDA; on the CPU in bfloat16 it pays after about 75 steps, in float32 it was slower)")
     a("--vae-tiling", "--vae_tiling", dest="vae_tiling", action="store_true",
       help="decode and encode in overlapping 512-px tiles, blended: large images in little memory")
     for flag in UNSUPPORTED:

@@ -348,6 +348,22 @@ def test_compile_on_the_cpu_gives_the_same_image(tmp_path):
     assert np.abs(images[1] - images[0]).max() <= 1
 
 
+def test_compile_in_float32_on_the_cpu_says_it_was_measured_slower(tmp_path, capsys, monkeypatch):
+    """The compiler itself is stood in for (the slow test above runs it); what is checked is the note."""
+    from conftest import FIXTURES
+    from ldm import generate
+
+    compiled = []
+    monkeypatch.setattr(generate, "compile_unet", lambda unet, device: compiled.append(device) or unet)
+    base = ["--prompt", "a red apple", "--ckpt", str(FIXTURES["sd1_tiny"] / "sd1_tiny.ckpt"), "--H", "64", "--W",
+            "64", "--f", "2", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--compile"]
+    assert generate.main("txt2img", base + ["--outdir", str(tmp_path / "a")]) == 0
+    assert compiled == [torch.device("cpu")]
+    assert "note: --compile in float32 on the CPU was measured slower" in capsys.readouterr().out
+    assert generate.main("txt2img", base[:-1] + ["--outdir", str(tmp_path / "b")]) == 0
+    assert "--compile" not in capsys.readouterr().out and len(compiled) == 1
+
+
 def test_compile_and_lowvram_are_refused_together(tmp_path, capsys):
     from ldm import generate
 
