@@ -11,6 +11,7 @@ so each convolution decides per input shape: prepacked when weight.numel() >= in
 The packed weight replaces the plain one (memory stays one copy) and is repacked when the input shape
 changes, as oneDNN picks the blocked layout for a shape. `unpack_convolutions` restores plain weights,
 for a state_dict or a move to another device. Same numbers as F.conv2d up to float32 summation order.
+The packed op has no backward: an input that wants a gradient takes F.conv2d.
 """
 from __future__ import annotations
 
@@ -40,9 +41,14 @@ def _plain(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_dense() if weight.is_mkldnn else weight
 
 
+def _wants_grad(x: torch.Tensor) -> bool:
+    """oneDNN's pointwise ops have no autograd: through them a gradient would silently be lost."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     shape = tuple(x.shape)
-    if x.device.type != "cpu" or conv.weight.numel() < x.numel():
+    if x.device.type != "cpu" or conv.weight.numel() < x.numel() or _wants_grad(x):
         if conv.weight.is_mkldnn:  # an earlier, smaller input had it packed
             conv.weight, conv.packed_for = nn.Parameter(_plain(conv.weight), requires_grad=False), None
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -64,6 +64,19 @@ def test_a_onednn_without_the_kernels_falls_back_to_plain_convolution(monkeypatc
         conv(torch.randn(1, 5, 3, 3))
 
 
+def test_gradients_flow_through_prepacked_convolutions_as_through_plain_ones():
+    """oneDNN's packed convolution has no backward; an input that wants a gradient takes F.conv2d."""
+    conv, w, b = _conv(64, 48)
+    prepack_convolutions(conv)
+    x = torch.randn(1, 64, 3, 3, requires_grad=True)  # small: the packed side of the rule
+    conv(x).square().sum().backward()
+    expected = torch.autograd.grad(F.conv2d(x, w, b, 1, 1).square().sum(), x)[0]
+    assert x.grad is not None and (x.grad - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    with torch.no_grad():
+        conv(x)
+    assert conv.weight.is_mkldnn  # packed again once no gradient is wanted
+
+
 def test_only_the_dtypes_onednn_packs():
     assert not can_prepack(torch.float16)
     bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
