@@ -2,8 +2,9 @@
 
 The networks are built on the `meta` device and take the file's tensors with `assign=True`, so a 4 GB
 checkpoint is never held twice: a memory-mapped float32 file used in float32 on the CPU is not even copied.
-On the CPU the convolutions then reorder their weights once per input shape (models/prepack.py); call
-`models.prepack.unpack_convolutions` on a network before taking its state_dict or moving it.
+On the CPU the convolutions then reorder their weights once per input shape and float32 linear layers run
+on oneDNN (models/prepack.py); call `models.prepack.unpack_convolutions` on a network before taking its
+state_dict or moving it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 from models.clip_text import CLIPTextModel, normalize_clip_keys
 from models.config import PRESETS, CLIPTextConfig, ConfigError, ModelConfig, from_yaml
 from models.openclip_text import OpenCLIPTextModel, normalize_openclip_keys
-from models.prepack import can_prepack, prepack_convolutions
+from models.prepack import can_prepack, onednn_linears, prepack_convolutions
 from models.tokenizer import Tokenizer, tokenizer_for
 from models.unet import UNetModel
 from models.vae import AutoencoderKL
@@ -194,6 +195,7 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
                      f"{score:.2f}, {'<' if kind == 'v' else '>='} -1); override with --prediction")
     if placement.device.type == "cpu" and can_prepack(placement.dtype):  # after the probe's odd 8x8 shape
         prepack_convolutions(unet), prepack_convolutions(autoencoder)
+        onednn_linears(unet), onednn_linears(text)
     alphas_cumprod, agree = sampling_schedule(cfg, schedule_buffers(state))
     if agree is False:
         notes.append("the checkpoint's alphas_cumprod differs from the config's linear schedule; "

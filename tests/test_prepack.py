@@ -1,4 +1,5 @@
-"""Prepacked CPU convolutions (models/prepack.py) compute what F.conv2d computes, and undo cleanly."""
+"""models/prepack.py: prepacked CPU convolutions compute what F.conv2d computes and undo cleanly; oneDNN
+linear layers compute what F.linear computes; neither loses a gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,7 @@ from torch import nn
 import ldm
 from conftest import FIXTURES, fixture_config, fixture_tensors, load_fixture_part
 from ldm.pipeline import txt2img
-from models.prepack import can_prepack, prepack_convolutions, unpack_convolutions
+from models.prepack import can_prepack, onednn_linears, prepack_convolutions, unpack_convolutions
 from models.unet import UNetModel
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch has no oneDNN (mkldnn)")
@@ -77,6 +78,49 @@ def test_gradients_flow_through_prepacked_convolutions_as_through_plain_ones():
     assert conv.weight.is_mkldnn  # packed again once no gradient is wanted
 
 
+def _linear(cin, cout, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(cin, cout, bias=bias).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_f_linear_and_keeps_gradients(monkeypatch, bias):
+    linear = _linear(96, 40, bias)
+    w, b = linear.weight.clone(), None if linear.bias is None else linear.bias.clone()
+    calls, real = [], torch.ops.mkldnn._linear_pointwise
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    assert onednn_linears(linear) == 1
+    x = torch.randn(2, 96, 7).transpose(1, 2)  # (2, 7, 96), strided as the UNet's flattened pixels
+    with torch.no_grad():
+        out = linear(x)
+    expected = F.linear(x, w, b)
+    assert calls == [x.shape] and (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    x.requires_grad_(True)
+    linear(x).square().sum().backward()  # F.linear: oneDNN's op has no backward
+    assert len(calls) == 1 and torch.allclose(x.grad, torch.autograd.grad(F.linear(x, w, b).square().sum(), x)[0])
+    with torch.no_grad():
+        half = linear.to(torch.bfloat16)(x.detach().bfloat16())
+    assert len(calls) == 1 and half.dtype == torch.bfloat16  # only float32 is routed
+
+
+def test_a_onednn_without_the_linear_kernel_falls_back_to_f_linear(monkeypatch):
+    def missing(*args):
+        raise RuntimeError("no such kernel in this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", missing)
+    linear = _linear(16, 8)
+    onednn_linears(linear)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+    assert "forward" not in vars(linear)
+
+
 def test_only_the_dtypes_onednn_packs():
     assert not can_prepack(torch.float16)
     bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
@@ -107,8 +151,12 @@ def test_load_on_cpu_prepacks_and_pipeline_output_is_unchanged():
     model = ldm.load(path, config=yaml, device="cpu")
     convs = [m for m in model.unet.modules() if isinstance(m, nn.Conv2d)]
     assert all("forward" in vars(m) for m in convs)
+    linears = [m for net in (model.unet, model.text_encoder) for m in net.modules() if type(m) is nn.Linear]
+    assert linears and all("forward" in vars(m) for m in linears)
     images = [txt2img(model, "a bird", steps=4, seed=1, height=64, width=64)[0] for _ in range(2)]
     unpack_convolutions(model.unet), unpack_convolutions(model.vae)
+    for linear in linears:
+        del linear.forward
     plain = txt2img(model, "a bird", steps=4, seed=1, height=64, width=64)[0]
     assert torch.equal(images[0], images[1])
     assert (images[0] - plain).abs().max().item() <= 1e-4

@@ -195,13 +195,13 @@ def ldm_networks(s: Spec, state: dict) -> dict:
 
 def place_ldm(module, device: torch.device, dtype: torch.dtype, args) -> None:
     """Move an ldm network as ldm.load leaves it: on a CPU, convolutions reorder their weights once per
-    input shape (models/prepack.py) unless --no-prepack."""
-    from models.prepack import can_prepack, prepack_convolutions, unpack_convolutions
+    input shape and float32 linear layers run on oneDNN (models/prepack.py), unless --no-prepack."""
+    from models.prepack import can_prepack, onednn_linears, prepack_convolutions, unpack_convolutions
 
     unpack_convolutions(module)
     module.to(device, dtype)
     if device.type == "cpu" and can_prepack(dtype) and not args.no_prepack:
-        prepack_convolutions(module)
+        prepack_convolutions(module), onednn_linears(module)
 
 
 def hf_clip_config(text_cfg):
@@ -629,8 +629,8 @@ def parse_args(argv=None):
                    help="the dtype the load rows make ready (default: float32 on a CPU, float16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="time ldm's UNet rows compiled as `--compile` does "
                    "(freezing on a CPU) against diffusers in eager mode; compiling happens in the warm-up")
-    p.add_argument("--no-prepack", action="store_true", help="ldm's CPU convolutions without prepacked weights "
-                   "(to measure what the prepacking gains)")
+    p.add_argument("--no-prepack", action="store_true", help="ldm's CPU layers as plain PyTorch runs them: no "
+                   "prepacked convolutions, no oneDNN linears (to measure what those gain)")
     p.add_argument("--tiny", action="store_true", help="tiny reference configs and image sizes / 8 (smoke test)")
     p.add_argument("--shared", help="the shared/ folder with reference/ (default $LDM_SHARED or ../shared)")
     p.add_argument("--json", type=Path, help="write the results and the machine description here")
