@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.layers import set_attention_slicing
-from models.prepack import unpack_convolutions
+from models.prepack import plain_linears, unpack_convolutions
 from models.tiling import enable_vae_tiling
 from samplers import drain
 from samplers.noise import randn
@@ -170,7 +170,7 @@ def compile_unet(unet: nn.Module, device: torch.device) -> nn.Module:
     float32 on a 2-core AVX2 EPYC it lost: 5.5 s against 3.2 s eager at 256x256, its convolutions reordering
     their weights on every call where ldm's eager ones are prepacked. On CUDA the plain mode is the one
     measured (README)."""
-    unpack_convolutions(unet)  # the compiler packs its own weights; it cannot trace ours
+    unpack_convolutions(unet), plain_linears(unet)  # the compiler picks its own kernels; it cannot trace ours
     return torch.compile(unet, options={"freezing": True} if device.type == "cpu" else None)
 
 

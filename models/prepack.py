@@ -11,12 +11,13 @@ so each convolution decides per input shape: prepacked when weight.numel() >= in
 The packed weight replaces the plain one (memory stays one copy) and is repacked when the input shape
 changes, as oneDNN picks the blocked layout for a shape. `unpack_convolutions` restores plain weights,
 for a state_dict or a move to another device. Same numbers as F.conv2d up to float32 summation order.
-The packed op has no backward: an input that wants a gradient takes F.conv2d.
+The packed op has no backward: where an input or a weight wants a gradient, F.conv2d runs instead.
 
 Float32 linear layers go to oneDNN's matmul instead of F.linear's MKL one: on the 2-core AVX2 EPYC the
 UNet's 64x64-level projections ran 1.6-1.8x faster there (8192x1280 @ 1280x320: 52 ms against 94 ms), a
 256x256 CFG step 3.44 s against 3.81 s. bfloat16 F.linear already uses oneDNN. The weights stay plain, so
-nothing needs undoing. It has no backward either: an input that wants a gradient takes F.linear.
+only torch.compile needs them undone (`plain_linears`). No backward either: F.linear runs where a gradient
+is wanted.
 """
 from __future__ import annotations
 
@@ -46,14 +47,15 @@ def _plain(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_dense() if weight.is_mkldnn else weight
 
 
-def _wants_grad(x: torch.Tensor) -> bool:
-    """oneDNN's pointwise ops have no autograd: through them a gradient would silently be lost."""
-    return x.requires_grad and torch.is_grad_enabled()
+def _wants_grad(x: torch.Tensor, layer: nn.Module) -> bool:
+    """oneDNN's pointwise ops have no autograd: through them a gradient would silently be lost, for the
+    input or for a weight being tuned."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
 
 
 def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     shape = tuple(x.shape)
-    if x.device.type != "cpu" or conv.weight.numel() < x.numel() or _wants_grad(x):
+    if x.device.type != "cpu" or conv.weight.numel() < x.numel() or _wants_grad(x, conv):
         if conv.weight.is_mkldnn:  # an earlier, smaller input had it packed
             conv.weight, conv.packed_for = nn.Parameter(_plain(conv.weight), requires_grad=False), None
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -99,8 +101,10 @@ _compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # PyTorch >
 
 
 def _linear_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if (x.device.type == "cpu" and x.dtype == linear.weight.dtype == torch.float32 and not _wants_grad(x)
-            and not _compiling()):  # the compiler picks its own kernels
+    bias = linear.bias
+    if (x.device.type == "cpu" and x.dtype == linear.weight.dtype == torch.float32 and not _wants_grad(x, linear)
+            and (bias is None or bias.is_contiguous())  # the op reads the bias as if it were
+            and not _compiling()):  # the compiler picks its own kernels (plain_linears undoes it all)
         try:
             return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
         except RuntimeError:  # a oneDNN build without the kernel: F.linear from now on
@@ -114,4 +118,12 @@ def onednn_linears(module: nn.Module) -> int:
     linears = [m for m in module.modules() if type(m) is nn.Linear]
     for linear in linears:
         linear.forward = MethodType(_linear_forward, linear)
+    return len(linears)
+
+
+def plain_linears(module: nn.Module) -> int:
+    """Undo `onednn_linears`: nn.Linear's own forward again (before torch.compile, or to compare)."""
+    linears = [m for m in module.modules() if type(m) is nn.Linear and "forward" in vars(m)]
+    for linear in linears:
+        del linear.forward
     return len(linears)

@@ -8,7 +8,8 @@ from torch import nn
 import ldm
 from conftest import FIXTURES, fixture_config, fixture_tensors, load_fixture_part
 from ldm.pipeline import txt2img
-from models.prepack import can_prepack, onednn_linears, prepack_convolutions, unpack_convolutions
+from models.prepack import (can_prepack, onednn_linears, plain_linears, prepack_convolutions,
+                            unpack_convolutions)
 from models.unet import UNetModel
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch has no oneDNN (mkldnn)")
@@ -108,6 +109,32 @@ def test_onednn_linear_equals_f_linear_and_keeps_gradients(monkeypatch, bias):
     assert len(calls) == 1 and half.dtype == torch.bfloat16  # only float32 is routed
 
 
+def test_tuned_weights_and_strided_biases_take_f_linear(monkeypatch):
+    """A weight being tuned (LoRA-style) keeps its gradient, through linears and packed convolutions; a
+    bias with odd strides (as a .ckpt can store it) is not handed to oneDNN, which would misread it."""
+    linear, conv = _linear(16, 8), _conv(16, 16)[0]
+    onednn_linears(linear), prepack_convolutions(conv)
+    linear.weight.requires_grad_(True), conv.weight.requires_grad_(True)
+    linear(torch.randn(3, 16)).sum().backward()
+    conv(torch.randn(1, 16, 2, 2)).sum().backward()  # small: the packed side of the rule
+    assert linear.weight.grad is not None and conv.weight.grad is not None
+    strided = _linear(16, 8, seed=1)
+    strided.bias = nn.Parameter(torch.randn(8, 2)[:, 0], requires_grad=False)
+    onednn_linears(strided)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.allclose(strided(x), F.linear(x, strided.weight, strided.bias), atol=1e-5)
+
+
+def test_compile_unet_hands_the_compiler_plain_layers():
+    from ldm.generate import compile_unet
+
+    unet = UNetModel(fixture_config("sd1_tiny").unet).eval().requires_grad_(False)
+    prepack_convolutions(unet), onednn_linears(unet)
+    compile_unet(unet, torch.device("cpu"))  # compiles lazily, on the first call: not called here
+    assert not any("forward" in vars(m) for m in unet.modules() if type(m) in (nn.Conv2d, nn.Linear))
+
+
 def test_a_onednn_without_the_linear_kernel_falls_back_to_f_linear(monkeypatch):
     def missing(*args):
         raise RuntimeError("no such kernel in this build")
@@ -155,8 +182,7 @@ def test_load_on_cpu_prepacks_and_pipeline_output_is_unchanged():
     assert linears and all("forward" in vars(m) for m in linears)
     images = [txt2img(model, "a bird", steps=4, seed=1, height=64, width=64)[0] for _ in range(2)]
     unpack_convolutions(model.unet), unpack_convolutions(model.vae)
-    for linear in linears:
-        del linear.forward
+    assert plain_linears(model.unet) + plain_linears(model.text_encoder) == len(linears)
     plain = txt2img(model, "a bird", steps=4, seed=1, height=64, width=64)[0]
     assert torch.equal(images[0], images[1])
     assert (images[0] - plain).abs().max().item() <= 1e-4
