@@ -114,7 +114,7 @@ def _linear_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def onednn_linears(module: nn.Module) -> int:
     """Make every nn.Linear in `module` compute float32 CPU inputs with oneDNN's matmul (other devices and
-    dtypes, and inputs that need a gradient, go to F.linear as before). Returns how many were switched."""
+    dtypes, and calls that need a gradient, go to F.linear as before). Returns how many were switched."""
     linears = [m for m in module.modules() if type(m) is nn.Linear]
     for linear in linears:
         linear.forward = MethodType(_linear_forward, linear)
