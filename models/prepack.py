@@ -57,7 +57,8 @@ def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     shape = tuple(x.shape)
     if x.device.type != "cpu" or conv.weight.numel() < x.numel() or _wants_grad(x, conv):
         if conv.weight.is_mkldnn:  # an earlier, smaller input had it packed
-            conv.weight, conv.packed_for = nn.Parameter(_plain(conv.weight), requires_grad=False), None
+            plain = nn.Parameter(_plain(conv.weight), requires_grad=conv.weight.requires_grad)
+            conv.weight, conv.packed_for = plain, None
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     padding, stride, dilation, groups = _conv_args(conv)
     try:

@@ -118,6 +118,14 @@ def test_tuned_weights_and_strided_biases_take_f_linear(monkeypatch):
     linear(torch.randn(3, 16)).sum().backward()
     conv(torch.randn(1, 16, 2, 2)).sum().backward()  # small: the packed side of the rule
     assert linear.weight.grad is not None and conv.weight.grad is not None
+    packed = _conv(16, 16, seed=2)[0]
+    prepack_convolutions(packed)
+    with torch.no_grad():
+        packed(torch.randn(1, 16, 2, 2))
+    assert packed.weight.is_mkldnn
+    packed.weight.requires_grad_(True)  # tuning starts after an inference call packed the weight
+    packed(torch.randn(1, 16, 2, 2)).sum().backward()
+    assert packed.weight.requires_grad and packed.weight.grad is not None
     strided = _linear(16, 8, seed=1)
     strided.bias = nn.Parameter(torch.randn(8, 2)[:, 0], requires_grad=False)
     onednn_linears(strided)
