@@ -7,12 +7,31 @@ version that saved it (see `normalize_clip_keys`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import CLIPTextConfig
 from models.layers import embedding
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text tower in the Hugging Face layout (SD 1.x's FrozenCLIPEmbedder). Defaults: ViT-L/14."""
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 77
+    act: str = "quick_gelu"
+    layer: str = "last"  # "last" or "penultimate" (clip skip 2)
+    pad_token: int = 49407  # <|endoftext|>: the CLIPTokenizer's pad token, whatever config.json's pad_token_id says
+
+    @property
+    def context_length(self) -> int:
+        return self.max_positions
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +137,6 @@ class CLIPTextModel(nn.Module):
     def skipped_blocks(self) -> tuple:
         """The blocks `forward` never runs, built only so that every official key loads."""
         return () if self.cfg.layer == "last" else (self.text_model.encoder.layers[-1],)
-
-    @staticmethod
-    def normalize_keys(sd: dict) -> dict:
-        return normalize_clip_keys(sd)
 
 
 def normalize_clip_keys(sd: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Network configurations: frozen dataclasses, presets per checkpoint family, and the original YAML reader.
+"""Network configurations: frozen dataclasses, one record per checkpoint family, and the original YAML reader.
 
 A config is a plain value. Presets are built with `dataclasses.replace`, never by mutating a global.
 Field names follow the original YAML (`unet_config.params`, `ddconfig`, ...) so reading a config is a
@@ -9,6 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
+
+# The text towers' configs live beside their modules (models/text_encoders.py has their records); they are
+# imported here too so that every network's config can be had from this module.
+from models.clip_text import CLIPTextConfig  # noqa: F401
+from models.errors import ConfigError
+from models.openclip_text import OpenCLIPTextConfig  # noqa: F401
+from models.text_encoders import CLIP_L, OPENCLIP_H, TextConfig, text_config
 
 
 @dataclass(frozen=True)
@@ -58,36 +65,6 @@ class VAEConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """CLIP text tower in the Hugging Face layout (SD 1.x's FrozenCLIPEmbedder)."""
-    vocab_size: int = 49408
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    intermediate_size: int = 3072
-    max_positions: int = 77
-    act: str = "quick_gelu"
-    layer: str = "last"  # "last" or "penultimate" (clip skip 2)
-    pad_token: int = 49407  # <|endoftext|>
-
-
-@dataclass(frozen=True)
-class OpenCLIPTextConfig:
-    """OpenCLIP text tower in the open_clip layout (SD 2.x's FrozenOpenCLIPEmbedder)."""
-    vocab_size: int = 49408
-    width: int = 1024
-    layers: int = 24
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    context_length: int = 77
-    embed_dim: int = 1024  # text_projection output; stored in checkpoints, unused by SD 2.x
-    act: str = "gelu"
-    layer: str = "penultimate"  # SD 2.x runs all but the last block, then ln_final
-    pad_token: int = 0
-
-
-TextConfig = Union[CLIPTextConfig, OpenCLIPTextConfig]
 
 
 @dataclass(frozen=True)
@@ -106,34 +83,38 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # noise_level, low-res schedule...
 
 
-# ---------------------------------------------------------------- presets
-CLIP_L = CLIPTextConfig()
-OPENCLIP_H = OpenCLIPTextConfig()
-# Text towers named in configs. The reference fixtures' harness registers two tiny towers under
-# these names, the way open_clip registers `ViT-H-14` from a JSON file of its own.
-TEXT_BY_NAME: dict[str, TextConfig] = {
-    "openai/clip-vit-large-patch14": CLIP_L,
-    "ViT-H-14": OPENCLIP_H,
-    "oracle/tiny-clip-text": CLIPTextConfig(width=32, layers=2, heads=2, intermediate_size=64),
-    "oracle-tiny-text": OpenCLIPTextConfig(width=32, layers=2, heads=2, embed_dim=32),
-}
+# ---------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Family:
+    """One checkpoint family: the original's model class that its YAML names, and the built-in config a
+    file of this family gets without one. What it conditions on is in that preset: `conditioning_key`
+    (crossattn; hybrid: also channels concatenated to the latent, the UNet's in_channels beyond 4;
+    hybrid-adm: also a class label, `num_classes`). How a file of the family is recognised from its
+    tensors is the rule of the same name in weights/families.py (weights knows no model class)."""
+    target: str  # LatentDiffusion, LatentInpaintDiffusion, ...
+    preset: ModelConfig
+
+    @property
+    def name(self) -> str:
+        return self.preset.family
+
 
 _SD1_UNET = UNetConfig(num_heads=8)
 _SD2_UNET = replace(_SD1_UNET, num_heads=-1, num_head_channels=64, context_dim=1024,
                     use_linear_in_transformer=True)
 _VAE = VAEConfig()
 
-PRESETS: dict[str, ModelConfig] = {
-    "sd1": ModelConfig("sd1", _SD1_UNET, _VAE, CLIP_L),
-    "sd1_inpaint": ModelConfig("sd1_inpaint", replace(_SD1_UNET, in_channels=9), _VAE, CLIP_L,
-                               conditioning_key="hybrid"),
+FAMILIES = (
+    Family("LatentDiffusion", ModelConfig("sd1", _SD1_UNET, _VAE, CLIP_L)),
+    Family("LatentInpaintDiffusion", ModelConfig("sd1_inpaint", replace(_SD1_UNET, in_channels=9), _VAE, CLIP_L,
+                                                 conditioning_key="hybrid")),
     # 512-base (eps) and 768-v (v) share one layout; parameterization comes from the config or a probe.
-    "sd2": ModelConfig("sd2", _SD2_UNET, _VAE, OPENCLIP_H, parameterization=None),
-    "sd2_inpaint": ModelConfig("sd2_inpaint", replace(_SD2_UNET, in_channels=9), _VAE, OPENCLIP_H,
-                               conditioning_key="hybrid"),
-    "sd2_depth": ModelConfig("sd2_depth", replace(_SD2_UNET, in_channels=5), _VAE, OPENCLIP_H,
-                             conditioning_key="hybrid"),
-    "x4_upscaler": ModelConfig(
+    Family("LatentDiffusion", ModelConfig("sd2", _SD2_UNET, _VAE, OPENCLIP_H, parameterization=None)),
+    Family("LatentInpaintDiffusion", ModelConfig("sd2_inpaint", replace(_SD2_UNET, in_channels=9), _VAE, OPENCLIP_H,
+                                                 conditioning_key="hybrid")),
+    Family("LatentDepth2ImageDiffusion", ModelConfig("sd2_depth", replace(_SD2_UNET, in_channels=5), _VAE,
+                                                     OPENCLIP_H, conditioning_key="hybrid")),
+    Family("LatentUpscaleDiffusion", ModelConfig(
         "x4_upscaler",
         UNetConfig(in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4), attention_resolutions=(2, 4, 8),
                    num_heads=8, context_dim=1024, use_linear_in_transformer=True, num_classes=1000,
@@ -142,25 +123,12 @@ PRESETS: dict[str, ModelConfig] = {
         linear_start=0.0001, linear_end=0.02, conditioning_key="hybrid-adm",
         extra={"low_scale": {"noise_schedule_config": {"linear_start": 0.0001, "linear_end": 0.02},
                              "max_noise_level": 350}},
-    ),
-}
+    )),
+)
+PRESETS: dict[str, ModelConfig] = {f.name: f.preset for f in FAMILIES}
 
 
 # ---------------------------------------------------------------- the original YAML configs
-_TARGET_FAMILY = {
-    ("LatentDiffusion", "clip"): "sd1",
-    ("LatentInpaintDiffusion", "clip"): "sd1_inpaint",
-    ("LatentDiffusion", "openclip"): "sd2",
-    ("LatentInpaintDiffusion", "openclip"): "sd2_inpaint",
-    ("LatentDepth2ImageDiffusion", "openclip"): "sd2_depth",
-    ("LatentUpscaleDiffusion", "openclip"): "x4_upscaler",
-}
-
-
-class ConfigError(ValueError):
-    """A config file that cannot describe a model we can build."""
-
-
 def _fields(cls, params: dict) -> dict:
     known = {f for f in cls.__dataclass_fields__}
     out = {}
@@ -170,35 +138,20 @@ def _fields(cls, params: dict) -> dict:
     return out
 
 
-def _text_config(cond: dict) -> TextConfig:
-    target = cond.get("target", "").rsplit(".", 1)[-1]
-    params = cond.get("params") or {}
-    if target == "FrozenCLIPEmbedder":
-        name = params.get("version", "openai/clip-vit-large-patch14")
-        base = TEXT_BY_NAME.get(name)
-        if not isinstance(base, CLIPTextConfig):
-            raise ConfigError(f"unknown CLIP text model {name!r}; known: openai/clip-vit-large-patch14")
-        layer = params.get("layer", "last")
-        if layer == "hidden" and params.get("layer_idx") == -2:
-            layer = "penultimate"
-        if layer not in ("last", "penultimate"):
-            raise ConfigError(f"CLIP text layer {layer!r} is not supported (last, penultimate)")
-        return replace(base, layer=layer)
-    if target == "FrozenOpenCLIPEmbedder":
-        name = params.get("arch", "ViT-H-14")
-        base = TEXT_BY_NAME.get(name)
-        if not isinstance(base, OpenCLIPTextConfig):
-            raise ConfigError(f"unknown OpenCLIP text model {name!r}; known: ViT-H-14")
-        layer = params.get("layer", "last")
-        if layer not in ("last", "penultimate"):
-            raise ConfigError(f"OpenCLIP text layer {layer!r} is not supported (last, penultimate)")
-        return replace(base, layer=layer)
-    raise ConfigError(f"cond_stage_config target {cond.get('target')!r} is not a text encoder ldm knows "
-                      "(FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder)")
+def _family(target: str, text: TextConfig) -> str:
+    kind = type(text)
+    family = next((f.name for f in FAMILIES if f.target == target and isinstance(f.preset.text, kind)), None)
+    if family is None:
+        raise ConfigError(f"model target {target} with a {kind.__name__.replace('Config', '')} encoder is not a "
+                          "known family")
+    return family
 
 
-def from_yaml_dict(doc: dict) -> ModelConfig:
-    """Read an original `configs/stable-diffusion/*.yaml` (already parsed) into a ModelConfig."""
+def from_yaml_dict(doc: dict, folder: Union[str, Path, None] = None) -> ModelConfig:
+    """Read an original `configs/stable-diffusion/*.yaml` (already parsed) into a ModelConfig.
+
+    `folder` is where the YAML lives: the text towers it names are described by files there (see
+    models/text_encoders.py). None: only the official towers (and open_clip's registry) are known."""
     try:
         model = doc["model"]
         params = model["params"]
@@ -207,12 +160,8 @@ def from_yaml_dict(doc: dict) -> ModelConfig:
         cond = params["cond_stage_config"]
     except (KeyError, TypeError) as e:
         raise ConfigError(f"not a latent diffusion config: missing model.params...{e}") from None
-    text = _text_config(cond)
-    kind = "clip" if isinstance(text, CLIPTextConfig) else "openclip"
-    target = model.get("target", "LatentDiffusion").rsplit(".", 1)[-1]
-    family = _TARGET_FAMILY.get((target, kind))
-    if family is None:
-        raise ConfigError(f"model target {target} with a {kind} text encoder is not a known family")
+    text = text_config(cond, Path(folder) if folder is not None else None)
+    family = _family(model.get("target", "LatentDiffusion").rsplit(".", 1)[-1], text)
     # `use_fp16` is a hint for the original code (it casts the UNet input to half and dies on a CPU);
     # here the device policy decides the dtype, so it is ignored on purpose.
     unet = UNetConfig(**_fields(UNetConfig, unet_params))
@@ -243,4 +192,4 @@ def from_yaml(path: Union[str, Path]) -> ModelConfig:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_yaml_dict(doc)
+    return from_yaml_dict(doc, path.parent)

@@ -8,14 +8,29 @@ are kept so the load is strict. The causal mask is computed, never stored.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.clip_text import activation
-from models.config import OpenCLIPTextConfig
 from models.layers import embedding
+
+
+@dataclass(frozen=True)
+class OpenCLIPTextConfig:
+    """OpenCLIP text tower in the open_clip layout (SD 2.x's FrozenOpenCLIPEmbedder). Defaults: ViT-H/14."""
+    vocab_size: int = 49408
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    context_length: int = 77
+    embed_dim: int = 1024  # text_projection output; stored in checkpoints, unused by SD 2.x
+    act: str = "gelu"
+    layer: str = "penultimate"  # SD 2.x runs all but the last block, then ln_final
+    pad_token: int = 0  # open_clip.tokenize pads with 0
 
 
 class FusedAttention(nn.Module):
@@ -96,10 +111,6 @@ class OpenCLIPTextModel(nn.Module):
     def skipped_blocks(self) -> tuple:
         """The blocks `forward` never runs, built only so that every official key loads."""
         return () if self.cfg.layer == "last" else (self.transformer.resblocks[-1],)
-
-    @staticmethod
-    def normalize_keys(sd: dict) -> dict:
-        return normalize_openclip_keys(sd)
 
 
 def normalize_openclip_keys(sd: dict) -> dict:

@@ -6,6 +6,7 @@ the embeddings of the prompt's own tokens, but it does change the padded positio
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Union
 
 import torch
@@ -15,23 +16,29 @@ START, END = 49406, 49407
 _bpe = None
 
 
+def open_clip_folder() -> Path:
+    """The installed open_clip package's folder, found without running its __init__ (which imports
+    torchvision, timm and its model zoo: seconds at every start). Its tokenizer.py and the model configs
+    in model_configs/ need none of that."""
+    import importlib.util
+
+    package = importlib.util.find_spec("open_clip")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("open_clip_torch is not installed; pip install open_clip_torch (its BPE vocabulary "
+                          "is the tokenizer of both SD 1.x and SD 2.x)")
+    return Path(list(package.submodule_search_locations)[0])
+
+
 def _open_clip_tokenizer_module():
-    """open_clip's tokenizer.py on its own. Importing it through the package runs open_clip/__init__,
-    which imports torchvision, timm and its model zoo: seconds at every start, for one file that needs
-    none of them (it imports only the standard library, ftfy, regex, numpy and torch, and finds its
-    vocabulary beside itself)."""
+    """open_clip's tokenizer.py on its own: it imports only the standard library, ftfy, regex, numpy and
+    torch, and finds its vocabulary beside itself."""
     import importlib.util
     import sys
 
     name = "open_clip.tokenizer"
     if name in sys.modules:
         return sys.modules[name]
-    package = importlib.util.find_spec("open_clip")  # finds the folder without running __init__
-    if package is None or not package.submodule_search_locations:
-        raise ImportError("open_clip_torch is not installed; pip install open_clip_torch (its BPE vocabulary "
-                          "is the tokenizer of both SD 1.x and SD 2.x)")
-    path = f"{list(package.submodule_search_locations)[0]}/tokenizer.py"
-    spec = importlib.util.spec_from_file_location("ldm_open_clip_tokenizer", path)
+    spec = importlib.util.spec_from_file_location("ldm_open_clip_tokenizer", open_clip_folder() / "tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -69,6 +76,5 @@ class Tokenizer:
 
 
 def tokenizer_for(text_cfg) -> Tokenizer:
-    """The tokenizer that matches a CLIPTextConfig / OpenCLIPTextConfig (its pad id and length)."""
-    length = getattr(text_cfg, "max_positions", None) or getattr(text_cfg, "context_length", 77)
-    return Tokenizer(text_cfg.pad_token, length)
+    """The tokenizer of a text tower: every text config names its pad token and context length."""
+    return Tokenizer(text_cfg.pad_token, text_cfg.context_length)

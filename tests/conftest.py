@@ -34,6 +34,23 @@ def fixture_config(name: str):
     return from_yaml(FIXTURES[name] / f"{name}.yaml")
 
 
+def copy_config(yaml_path: Path, folder: Path) -> Path:
+    """Copy an original YAML into `folder` with the files that describe the text tower it names (the
+    `version:` folder holding a config.json, or `<arch>.json`), as a user keeps them beside it."""
+    import shutil
+
+    import yaml
+
+    params = yaml.safe_load(yaml_path.read_text())["model"]["params"]["cond_stage_config"].get("params") or {}
+    for described in (params.get("version"), f"{params.get('arch')}.json"):
+        source = yaml_path.parent / str(described)
+        if source.is_dir():
+            shutil.copytree(source, folder / described)
+        elif source.is_file():
+            shutil.copy(source, folder / described)
+    return Path(shutil.copy(yaml_path, folder / yaml_path.name))
+
+
 @lru_cache(maxsize=None)
 def _fixture_state(name: str) -> dict:
     return load_file(FIXTURES[name] / f"{name}.safetensors")

@@ -148,3 +148,23 @@ def test_bad_configs_are_one_line_errors(tmp_path):
     doc["model"]["params"]["cond_stage_config"]["target"] = "ldm.modules.encoders.modules.FrozenT5Embedder"
     with pytest.raises(ConfigError, match="FrozenT5Embedder"):
         from_yaml_dict(doc)
+
+
+def test_each_family_is_recognised_by_the_rule_of_its_name():
+    """A family's network side (models/config.py) and its checkpoint side (weights/families.py) agree: the
+    rule names the preset's UNet input channels, class labels and text encoder."""
+    from models.config import FAMILIES
+    from models.text_encoders import TEXT_ENCODERS, text_encoder
+    from weights import GENERATIONS, PREFIXES, RULES
+
+    rules = {r.name: r for r in RULES}
+    generations = {g.name: g for g in GENERATIONS}
+    assert [f.name for f in FAMILIES] == list(rules)
+    assert {g.text for g in GENERATIONS} == {e.component for e in TEXT_ENCODERS} <= set(PREFIXES)
+    for family in FAMILIES:
+        rule, unet = rules[family.name], family.preset.unet
+        gen = generations[rule.generation]
+        assert (rule.in_channels, rule.label_emb) == (unet.in_channels, unet.num_classes is not None)
+        assert gen.text == text_encoder(family.preset.text).component
+        assert gen.context_width == unet.context_dim == family.preset.text.width
+        assert gen.proj_in_rank == (2 if unet.use_linear_in_transformer else 4)

@@ -58,7 +58,7 @@ def _random_unet(cfg, seed):
 def test_matches_diffusers(name, in_channels, hw):
     doc = yaml.safe_load((FIXTURES[name] / f"{name}.yaml").read_text())
     doc["model"]["params"]["unet_config"]["params"]["in_channels"] = in_channels
-    cfg = from_yaml_dict(doc).unet
+    cfg = from_yaml_dict(doc, FIXTURES[name]).unet
     ours = _random_unet(cfg, seed=in_channels)
     ref = _diffusers_unet(doc, ours.state_dict())
     g = torch.Generator().manual_seed(0)

@@ -106,7 +106,8 @@ def shared_dir(arg: Optional[str]) -> Path:
 def original_config(cfg) -> dict:
     """A ModelConfig as the original YAML config (`v1-inference.yaml`, `v2-inference-v.yaml`, ...), which is
     what diffusers' single-file converters read."""
-    from models.config import TEXT_BY_NAME, CLIPTextConfig
+    from models.config import CLIPTextConfig
+    from models.text_encoders import OFFICIAL_CLIP
 
     u, v, text = cfg.unet, cfg.vae, cfg.text
     unet = {"in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
@@ -126,13 +127,14 @@ def original_config(cfg) -> dict:
     ddconfig = {"double_z": v.double_z, "z_channels": v.z_channels, "resolution": v.resolution,
                 "in_channels": v.in_channels, "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult),
                 "num_res_blocks": v.num_res_blocks, "attn_resolutions": list(v.attn_resolutions), "dropout": 0.0}
-    name = next(n for n, c in TEXT_BY_NAME.items() if type(c) is type(text) and replace(c, layer=text.layer) == text)
+    # the official towers' names: diffusers builds the text model from s.cfg.text, not from this name
     if isinstance(text, CLIPTextConfig):
         layer = {"layer": "last"} if text.layer == "last" else {"layer": "hidden", "layer_idx": -2}
-        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"version": name, **layer}}
+        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                "params": {"version": OFFICIAL_CLIP, **layer}}
     else:
         cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                "params": {"arch": name, "layer": text.layer, "freeze": True}}
+                "params": {"arch": "ViT-H-14", "layer": text.layer, "freeze": True}}
     params = {"linear_start": cfg.linear_start, "linear_end": cfg.linear_end, "timesteps": cfg.timesteps,
               "scale_factor": cfg.scale_factor, "conditioning_key": cfg.conditioning_key,
               "parameterization": cfg.parameterization or "eps",
@@ -153,7 +155,7 @@ def spec(family: str, tiny: bool, shared: Path) -> Spec:
         name = {"sd1": "sd1_tiny", "sd2v": "sd2v_tiny"}[family]
         folder = shared / "reference" / "fixtures" / name
         original = yaml.safe_load((folder / f"{name}.yaml").read_text())
-        return Spec(name, from_yaml_dict(original), original,
+        return Spec(name, from_yaml_dict(original, folder), original,
                     json.loads((folder / f"{name}.layout.json").read_text()))
     cfg = PRESETS["sd1"] if family == "sd1" else replace(PRESETS["sd2"], parameterization="v")
     layout = {"sd1": "sd1.json", "sd2v": "sd2_768_v.json"}[family]
@@ -171,7 +173,7 @@ def random_checkpoint(s: Spec, prefix=(), dtype=torch.float32, seed: int = 0) ->
 
 def ldm_networks(s: Spec, state: dict) -> dict:
     """ldm's networks on the checkpoint's own tensors (no copy), as ldm.load builds them."""
-    from models.clip_text import CLIPTextModel, normalize_clip_keys
+    from models.clip_text import CLIPTextModel, normalize_clip_keys  # the benches' text rows are SD 1.x's
     from models.unet import UNetModel
     from models.vae import AutoencoderKL
     from weights import split_components

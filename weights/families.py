@@ -8,6 +8,7 @@ SD 2 512-base and 768-v share one layout; their parameterisation is not in the w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
@@ -15,20 +16,41 @@ import torch
 from weights.components import PREFIXES, is_lone_vae
 from weights.errors import CheckpointError, PathLike
 
-FAMILIES = ("sd1", "sd1_inpaint", "sd2", "sd2_inpaint", "sd2_depth", "x4_upscaler", "vae")
 
-# (generation, UNet input channels, has label_emb) -> family
-_BY_UNET = {
-    ("sd1", 4, False): "sd1",
-    ("sd1", 9, False): "sd1_inpaint",
-    ("sd2", 4, False): "sd2",
-    ("sd2", 9, False): "sd2_inpaint",
-    ("sd2", 5, False): "sd2_depth",
-    ("sd2", 7, True): "x4_upscaler",
-}
-_GENERATION = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
-_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2"}  # CLIP ViT-L/14 and OpenCLIP ViT-H/14 hidden sizes
-_PROJ_IN_RANK = {4: "sd1", 2: "sd2"}  # Conv2d 1x1 vs Linear (use_linear_in_transformer)
+@dataclass(frozen=True)
+class Generation:
+    """What tells SD 1.x from SD 2.x in a file: its text encoder's keys, or in a UNet-only file the UNet's
+    cross-attention width or its transformers' proj_in."""
+    name: str
+    label: str
+    text: str  # the text encoder's component in PREFIXES
+    text_norm: str  # key ending of the text encoder's last LayerNorm weight, whose length is its output width
+    context_width: int  # the official text encoder's width (CLIP ViT-L/14 768, OpenCLIP ViT-H/14 1024)
+    proj_in_rank: int  # 4: 1x1 Conv2d proj_in; 2: Linear (use_linear_in_transformer)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A family as its tensors show it; models/config.py's FAMILIES holds the network side under the same name."""
+    name: str
+    generation: str
+    in_channels: int  # the UNet's first convolution: 4 latent, +4 masked latent +1 mask, +1 depth, +3 low-res RGB
+    label_emb: bool = False  # a class-label embedding (the upscaler's noise level)
+
+
+GENERATIONS = (
+    Generation("sd1", "SD 1.x", "clip_text", "final_layer_norm.weight", 768, 4),  # with or without `text_model.`
+    Generation("sd2", "SD 2.x", "openclip_text", "ln_final.weight", 1024, 2),
+)
+RULES = (
+    Rule("sd1", "sd1", 4),
+    Rule("sd1_inpaint", "sd1", 9),
+    Rule("sd2", "sd2", 4),
+    Rule("sd2_inpaint", "sd2", 9),
+    Rule("sd2_depth", "sd2", 5),
+    Rule("x4_upscaler", "sd2", 7, label_emb=True),
+)
+FAMILIES = tuple(r.name for r in RULES) + ("vae",)
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -44,15 +66,13 @@ def _first(shapes: Mapping[str, tuple], prefix: str, suffix: str) -> Optional[tu
     return next((s for k, s in shapes.items() if k.startswith(prefix) and k.endswith(suffix)), None)
 
 
-def _text_encoder(shapes: Mapping[str, tuple]) -> tuple[Optional[str], Optional[int]]:
+def _text_encoder(shapes: Mapping[str, tuple]) -> tuple[Optional[Generation], Optional[int]]:
     """(generation, output width) of the text encoder in the file, (None, None) without one."""
-    clip, openclip = PREFIXES["clip_text"], PREFIXES["openclip_text"]
-    if any(k.startswith(clip) for k in shapes):
-        norm = _first(shapes, clip, "final_layer_norm.weight")  # with or without `text_model.`
-        return "sd1", norm[0] if norm else None
-    if any(k.startswith(openclip) for k in shapes):
-        norm = shapes.get(openclip + "ln_final.weight")
-        return "sd2", norm[0] if norm else None
+    for gen in GENERATIONS:
+        prefix = PREFIXES[gen.text]
+        if any(k.startswith(prefix) for k in shapes):
+            norm = _first(shapes, prefix, gen.text_norm)
+            return gen, norm[0] if norm else None
     return None, None
 
 
@@ -79,7 +99,7 @@ def detect_family(shapes: Mapping[str, Any], source: Optional[PathLike] = None) 
     unet = PREFIXES["unet"]
     if not any(k.startswith(unet) for k in shapes):
         decoder = is_lone_vae(shapes) or any(k.startswith(PREFIXES["vae"] + "decoder.") for k in shapes)
-        text = any(k.startswith((PREFIXES["clip_text"], PREFIXES["openclip_text"])) for k in shapes)
+        text = any(k.startswith(tuple(PREFIXES[g.text] for g in GENERATIONS)) for k in shapes)
         if decoder and not text:
             return "vae"
         raise CheckpointError(_not_sd(shapes), source)
@@ -94,27 +114,29 @@ def detect_family(shapes: Mapping[str, Any], source: Optional[PathLike] = None) 
     context_width = context[1] if context and len(context) == 2 else None
     proj_in = _first(shapes, unet, "proj_in.weight")
 
-    text_gen, text_width = _text_encoder(shapes)
-    if text_gen is not None:
+    generation, text_width = _text_encoder(shapes)
+    by_width = next((g for g in GENERATIONS if g.context_width == context_width), None)
+    by_proj_in = next((g for g in GENERATIONS if proj_in is not None and g.proj_in_rank == len(proj_in)), None)
+    if generation is not None:
         if context_width is not None and text_width is not None and context_width != text_width:
             raise CheckpointError(f"inconsistent file: the UNet's cross-attention takes {context_width}-wide "
-                                  f"context but the {_GENERATION[text_gen]} text encoder gives {text_width}",
-                                  source)
-        generation, seen = text_gen, f"a {_GENERATION[text_gen]} text encoder"
-    elif context_width in _CONTEXT_WIDTH:
-        generation, seen = _CONTEXT_WIDTH[context_width], f"{context_width}-wide cross-attention"
-    elif proj_in is not None and len(proj_in) in _PROJ_IN_RANK:
-        generation = _PROJ_IN_RANK[len(proj_in)]
-        seen = "1x1-conv proj_in" if len(proj_in) == 4 else "Linear proj_in"
+                                  f"context but the {generation.label} text encoder gives {text_width}", source)
+        seen = f"a {generation.label} text encoder"
+    elif by_width is not None:
+        generation, seen = by_width, f"{context_width}-wide cross-attention"
+    elif by_proj_in is not None:
+        generation, seen = by_proj_in, "1x1-conv proj_in" if len(proj_in) == 4 else "Linear proj_in"
     else:
+        widths = "/".join(str(g.context_width) for g in GENERATIONS)
         raise CheckpointError(f"UNet-only file whose generation cannot be told: cross-attention width "
-                              f"{context_width}, proj_in shape {proj_in} (expected 768/1024, or a 4-D/2-D "
+                              f"{context_width}, proj_in shape {proj_in} (expected {widths}, or a 4-D/2-D "
                               "proj_in)", source)
 
-    family = _BY_UNET.get((generation, in_channels, label_emb))
-    if family is None:
+    rule = next((r for r in RULES if (r.generation, r.in_channels, r.label_emb) ==
+                 (generation.name, in_channels, label_emb)), None)
+    if rule is None:
         extra = " and label_emb" if label_emb else ""
-        known = ", ".join(FAMILIES[:-1])
+        known = ", ".join(r.name for r in RULES)
         raise CheckpointError(f"unrecognised model: a UNet with {in_channels} input channels{extra} with "
-                              f"{seen} ({_GENERATION[generation]}) matches none of {known}", source)
-    return family
+                              f"{seen} ({generation.label}) matches none of {known}", source)
+    return rule.name
