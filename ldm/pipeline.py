@@ -24,6 +24,7 @@ import torch
 from samplers import Step, drain
 from samplers.noise import Generators, noise_like, randn
 from samplers.registry import SamplerSpec, resolve_sampler
+from samplers.spaces import denoiser_for, start_for
 
 from .loading import LatentDiffusion
 
@@ -81,8 +82,8 @@ def _denoiser(model: LatentDiffusion, spec: SamplerSpec, prompts: list[str], neg
     cond = encode_text(model, prompts)
     # The original encodes the empty string for the unconditional half, never zeros.
     uncond = encode_text(model, negative) if scale != 1.0 else None
-    return spec.make_denoiser(model.unet, cond, uncond, scale, model.parameterization, model.alphas_cumprod,
-                              dtype=model.placement.dtype)
+    return denoiser_for(spec, model.unet, cond, uncond, scale, model.parameterization, model.alphas_cumprod,
+                        dtype=model.placement.dtype)
 
 
 def _options(spec: SamplerSpec, eta: float) -> dict:
@@ -105,8 +106,8 @@ def txt2img_steps(model: LatentDiffusion, prompt: Prompts, *, negative_prompt: P
     denoise = _denoiser(model, spec, _batch(prompt, n_samples), _batch(negative_prompt, n_samples), scale)
     if x_T is None:
         x_T = randn(latent_shape(model, n_samples, height, width), generator)
-    yield from spec.steps(denoise, x_T.to(model.placement.device), model.alphas_cumprod, steps,
-                          generator=generator, **options)
+    x, schedule = start_for(spec, x_T.to(model.placement.device), model.alphas_cumprod, steps)
+    yield from spec.fn(denoise, x, schedule, generator=generator, **options)
 
 
 def strength_to_steps(strength: float, steps: int) -> int:
@@ -131,8 +132,8 @@ def img2img_steps(model: LatentDiffusion, init_latent: torch.Tensor, prompt: Pro
     n = init_latent.shape[0]
     denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale)
     x0 = init_latent.to(model.placement.device)
-    yield from spec.steps(denoise, noise_like(x0, generator), model.alphas_cumprod, steps, x0=x0, t_start=t_enc,
-                          generator=generator, **options)
+    x, schedule = start_for(spec, noise_like(x0, generator), model.alphas_cumprod, steps, x0=x0, t_start=t_enc)
+    yield from spec.fn(denoise, x, schedule, generator=generator, **options)
 
 
 def txt2img(model: LatentDiffusion, prompt: Prompts, *, seed: int = 42, n_iter: int = 1,

@@ -18,11 +18,10 @@ from collections.abc import Iterator
 
 import torch
 
-from .ddim import _check_t_start
 from .denoiser import Denoise
 from .noise import Generators, noise_like
-from .schedule import ddim_schedule
-from .step import Step, drain
+from .schedule import DDIMSchedule
+from .step import Step
 
 
 def ddpm_update(pred_x0: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor,
@@ -35,29 +34,22 @@ def ddpm_update(pred_x0: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, alp
     return mean + ((1 - alpha_prev) / (1 - alpha) * beta).sqrt() * noise
 
 
-def ddpm_steps(denoise: Denoise, x: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int, *,
-               generator: Generators = None, t_start: int | None = None) -> Iterator[Step]:
+def ddpm_steps(denoise: Denoise, x: torch.Tensor, schedule: DDIMSchedule, *,
+               generator: Generators = None) -> Iterator[Step]:
     """Yield one `Step` per DDPM step (one UNet call, one noise draw but on the last step).
 
-    Same timesteps and `t_start` as `ddim_steps`. The last step's `x_next` is x̂0 (ᾱ = 1); its
-    `t_next` is reported as 0.
+    Same `schedule` as `ddim_steps`. The last step's `x_next` is x̂0 (ᾱ = 1); its `t_next` is reported as 0.
     """
-    sched = ddim_schedule(alphas_cumprod, num_steps)
-    n = _check_t_start(t_start, len(sched))
-    ts = sched.timesteps.tolist()
-    alphas = sched.alphas.to(x.device)
+    n, ts = len(schedule), schedule.timesteps.tolist()
+    alphas = schedule.alphas.to(x.device)
     alphas_prev = torch.cat([alphas.new_ones(1), alphas[:-1]])   # ᾱ = 1 below the first timestep
     x = x.to(torch.float32)
-    for i, k in enumerate(reversed(range(n))):
+    for i in range(n):
+        k = n - 1 - i   # schedule index, from the top down
         eps, pred_x0 = denoise(x, ts[k])
         noise = noise_like(x, generator) if k else None
         x_next = ddpm_update(pred_x0, x, alphas[k], alphas_prev[k], noise)
-        step = Step(i, n, ts[k], ts[k - 1] if k else 0, x, eps, pred_x0, x_next)
+        step = Step(index=i, total=n, t=ts[k], t_next=ts[k - 1] if k else 0, x=x, eps=eps, pred_x0=pred_x0,
+                    x_next=x_next)
         yield step
         x = step.x_next
-
-
-def ddpm_sample(denoise: Denoise, x: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
-                **kwargs) -> torch.Tensor:
-    """`ddpm_steps` run to the end: the final latent."""
-    return drain(ddpm_steps(denoise, x, alphas_cumprod, num_steps, **kwargs), x.to(torch.float32))

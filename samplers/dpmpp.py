@@ -12,7 +12,7 @@ They solve the diffusion ODE in λ = -log σ with the data prediction x̂0 = D(x
     DPM++ SDE   the same singlestep pair, each half made stochastic as an ancestral step
                 (σ_down/σ_up of both sub-steps) with noise from one Brownian path, and x̂0 mixed as
                 Alg. 1 for a general r: (1 - 1/(2r)) x̂0 + 1/(2r) x̂0_s. Two calls per step.
-All end with an Euler step to σ = 0 (x_next = x̂0 of the last call).
+All end with an Euler step to σ = 0 (`euler_to_zero`: x_next = x̂0 of the last call).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 
 from .denoiser import SigmaDenoise
 from .noise import BrownianNoise, Generators
-from .sigmas import add_ancestral_noise, dpm_solver_1, get_ancestral_step, lam, to_d
-from .step import Step, sigma_loop
+from .sigmas import add_ancestral_noise, as_floats, dpm_solver_1, euler_to_zero, get_ancestral_step, lam
+from .step import Step
 
 NoiseSampler = Callable[[float, float], torch.Tensor]
 
@@ -31,38 +31,46 @@ NoiseSampler = Callable[[float, float], torch.Tensor]
 def dpmpp_2m_steps(denoise: SigmaDenoise, x: torch.Tensor, sigmas: torch.Tensor, *,
                    generator: Generators = None) -> Iterator[Step]:
     """One UNet call per step; `generator` is unused (deterministic) and kept for the shared signature."""
-    prev: list[tuple[float, torch.Tensor]] = []   # (σ, x̂0) of the previous step
-
-    def update(i, x, sigma, sigma_next):
+    sig = as_floats(sigmas)
+    n = len(sig) - 1
+    x = x.to(torch.float32)
+    sigma_prev, x0_prev = None, None   # σ and x̂0 of the previous step
+    for i in range(n):
+        sigma, sigma_next = sig[i], sig[i + 1]
         eps, x0 = denoise(x, sigma)
-        d = x0
-        if prev and sigma_next > 0:
-            sigma_prev, x0_prev = prev[0]
+        if sigma_next == 0:
+            x_next = euler_to_zero(x, sigma, x0)
+        elif x0_prev is None:
+            x_next = dpm_solver_1(x, sigma, sigma_next, x0)
+        else:
             r = (lam(sigma) - lam(sigma_prev)) / (lam(sigma_next) - lam(sigma))
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        prev[:] = [(sigma, x0)]
-        return eps, x0, dpm_solver_1(x, sigma, sigma_next, d)
-
-    return sigma_loop(x, sigmas, update)
+            x_next = dpm_solver_1(x, sigma, sigma_next, (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev)
+        step = Step(index=i, total=n, sigma=sigma, sigma_next=sigma_next, x=x, eps=eps, pred_x0=x0, x_next=x_next)
+        yield step
+        x, sigma_prev, x0_prev = step.x_next, sigma, x0
 
 
 def dpmpp_2s_ancestral_steps(denoise: SigmaDenoise, x: torch.Tensor, sigmas: torch.Tensor, *,
                              generator: Generators = None, eta: float = 1.0,
                              s_noise: float = 1.0) -> Iterator[Step]:
     """Two UNet calls per step (one for the last), one noise draw per step but the last."""
-
-    def update(i, x, sigma, sigma_next):
+    sig = as_floats(sigmas)
+    n = len(sig) - 1
+    x = x.to(torch.float32)
+    for i in range(n):
+        sigma, sigma_next = sig[i], sig[i + 1]
         eps, x0 = denoise(x, sigma)
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
-            x_next = x + to_d(x, sigma, x0) * (sigma_down - sigma)
+            x_next = euler_to_zero(x, sigma, x0)
         else:
             sigma_s = (sigma * sigma_down) ** 0.5      # λ_s = λ + h/2
             _, x0_s = denoise(dpm_solver_1(x, sigma, sigma_s, x0), sigma_s)
             x_next = dpm_solver_1(x, sigma, sigma_down, x0_s)
-        return eps, x0, add_ancestral_noise(x_next, sigma_up, generator, s_noise)
-
-    return sigma_loop(x, sigmas, update)
+        x_next = add_ancestral_noise(x_next, sigma_up, generator, s_noise)
+        step = Step(index=i, total=n, sigma=sigma, sigma_next=sigma_next, x=x, eps=eps, pred_x0=x0, x_next=x_next)
+        yield step
+        x = step.x_next
 
 
 def dpmpp_sde_steps(denoise: SigmaDenoise, x: torch.Tensor, sigmas: torch.Tensor, *,
@@ -76,21 +84,25 @@ def dpmpp_sde_steps(denoise: SigmaDenoise, x: torch.Tensor, sigmas: torch.Tensor
     """
     noise = noise_sampler if noise_sampler is not None else BrownianNoise(x, generator)
     fac = 1 / (2 * r)
-
-    def update(i, x, sigma, sigma_next):
+    sig = as_floats(sigmas)
+    n = len(sig) - 1
+    x = x.to(torch.float32)
+    for i in range(n):
+        sigma, sigma_next = sig[i], sig[i + 1]
         eps, x0 = denoise(x, sigma)
         if sigma_next == 0:
-            return eps, x0, x + to_d(x, sigma, x0) * (sigma_next - sigma)
-        sigma_s = sigma ** (1 - r) * sigma_next ** r   # λ_s = λ + r h
-        down, up = get_ancestral_step(sigma, sigma_s, eta)
-        x_s = dpm_solver_1(x, sigma, down, x0)
-        if up > 0:
-            x_s = x_s + noise(sigma, sigma_s) * (s_noise * up)
-        _, x0_s = denoise(x_s, sigma_s)
-        down, up = get_ancestral_step(sigma, sigma_next, eta)
-        x_next = dpm_solver_1(x, sigma, down, (1 - fac) * x0 + fac * x0_s)
-        if up > 0:
-            x_next = x_next + noise(sigma, sigma_next) * (s_noise * up)
-        return eps, x0, x_next
-
-    return sigma_loop(x, sigmas, update)
+            x_next = euler_to_zero(x, sigma, x0)
+        else:
+            sigma_s = sigma ** (1 - r) * sigma_next ** r   # λ_s = λ + r h
+            down, up = get_ancestral_step(sigma, sigma_s, eta)
+            x_s = dpm_solver_1(x, sigma, down, x0)
+            if up > 0:
+                x_s = x_s + noise(sigma, sigma_s) * (s_noise * up)
+            _, x0_s = denoise(x_s, sigma_s)
+            down, up = get_ancestral_step(sigma, sigma_next, eta)
+            x_next = dpm_solver_1(x, sigma, down, (1 - fac) * x0 + fac * x0_s)
+            if up > 0:
+                x_next = x_next + noise(sigma, sigma_next) * (s_noise * up)
+        step = Step(index=i, total=n, sigma=sigma, sigma_next=sigma_next, x=x, eps=eps, pred_x0=x0, x_next=x_next)
+        yield step
+        x = step.x_next

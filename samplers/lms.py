@@ -17,8 +17,8 @@ import torch
 
 from .denoiser import SigmaDenoise
 from .noise import Generators
-from .sigmas import to_d
-from .step import Step, sigma_loop
+from .sigmas import as_floats, to_d
+from .step import Step
 
 
 def lms_coefficient(sigmas: Sequence[float], i: int, j: int, order: int) -> float:
@@ -41,17 +41,17 @@ def lms_steps(denoise: SigmaDenoise, x: torch.Tensor, sigmas: torch.Tensor, *, g
     """One UNet call per step; `generator` is unused (LMS is deterministic) and kept for the shared signature."""
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
-    sig = [float(s) for s in torch.as_tensor(sigmas).tolist()]
-    ds: list[torch.Tensor] = []   # the last `order` slopes, oldest first
-
-    def update(i, x, sigma, sigma_next):
+    sig = as_floats(sigmas)
+    n = len(sig) - 1
+    x = x.to(torch.float32)
+    slopes: tuple[torch.Tensor, ...] = ()   # the last `order` slopes d, oldest first
+    for i in range(n):
+        sigma, sigma_next = sig[i], sig[i + 1]
         eps, x0 = denoise(x, sigma)
-        ds.append(to_d(x, sigma, x0))
-        del ds[:-order]
-        cur = min(i + 1, order)
+        slopes = (*slopes, to_d(x, sigma, x0))[-order:]
         x_next = x
-        for j, d in enumerate(reversed(ds)):
-            x_next = x_next + lms_coefficient(sig, i, j, cur) * d
-        return eps, x0, x_next
-
-    return sigma_loop(x, sigmas, update)
+        for j, d in enumerate(reversed(slopes)):
+            x_next = x_next + lms_coefficient(sig, i, j, len(slopes)) * d
+        step = Step(index=i, total=n, sigma=sigma, sigma_next=sigma_next, x=x, eps=eps, pred_x0=x0, x_next=x_next)
+        yield step
+        x = step.x_next

@@ -16,14 +16,14 @@ from collections.abc import Iterator
 
 import torch
 
-from .ddim import _check_t_start, ddim_update
+from .ddim import ddim_update
 from .denoiser import Denoise, pred_x0_from_eps
 from .noise import Generators, noise_like
-from .schedule import ddim_schedule
-from .step import Step, drain
+from .schedule import DDIMSchedule
+from .step import Step
 
 
-def _multistep(eps: torch.Tensor, old: list[torch.Tensor]) -> torch.Tensor:
+def _multistep(eps: torch.Tensor, old: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Adams–Bashforth of order len(old) + 1 (at most 4); `old` is oldest first."""
     if len(old) == 1:
         return (3 * eps - old[-1]) / 2
@@ -32,43 +32,35 @@ def _multistep(eps: torch.Tensor, old: list[torch.Tensor]) -> torch.Tensor:
     return (55 * eps - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
 
 
-def plms_steps(denoise: Denoise, x: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int, *,
-               eta: float = 0.0, generator: Generators = None,
-               t_start: int | None = None) -> Iterator[Step]:
+def plms_steps(denoise: Denoise, x: torch.Tensor, schedule: DDIMSchedule, *, generator: Generators = None,
+               eta: float = 0.0) -> Iterator[Step]:
     """Yield one `Step` per PLMS step (the first one makes two UNet calls, the others one).
 
-    Same timesteps, `t_start` and signature as `ddim_steps`. PLMS is deterministic: eta must be 0.
+    Same `schedule` as `ddim_steps`. PLMS is deterministic: eta must be 0.
     Noise is drawn (and multiplied by σ = 0) at every DDIM update, as the original: twice in the
     first step, once in each later one, so the RNG stream advances as in the original sampler.
     """
     if eta != 0:
         raise ValueError(f"PLMS is deterministic: eta must be 0, got {eta}")
-    sched = ddim_schedule(alphas_cumprod, num_steps)
-    n = _check_t_start(t_start, len(sched))
-    ts = sched.timesteps.tolist()
-    order = list(reversed(range(n)))
-    alphas, alphas_prev = sched.alphas.to(x.device), sched.alphas_prev.to(x.device)
+    n, ts = len(schedule), schedule.timesteps.tolist()
+    alphas, alphas_prev = schedule.alphas.to(x.device), schedule.alphas_prev.to(x.device)
     sigma = torch.zeros((), device=x.device)  # η = 0
     x = x.to(torch.float32)
-    old: list[torch.Tensor] = []
-    for i, k in enumerate(order):
+    old: tuple[torch.Tensor, ...] = ()   # the last three ε̂, oldest first
+    for i in range(n):
+        k = n - 1 - i   # schedule index, from the top down
         eps, pred_x0 = denoise(x, ts[k])
         if not old:
             x_euler = ddim_update(pred_x0, eps, alphas_prev[k], sigma, noise_like(x, generator))
             # the original evaluates the last timestep again when the run is one step long
-            eps_euler, _ = denoise(x_euler, ts[order[min(i + 1, n - 1)]])
+            eps_euler, _ = denoise(x_euler, ts[max(k - 1, 0)])
             eps_prime = (eps + eps_euler) / 2
         else:
             eps_prime = _multistep(eps, old)
         pred_x0 = pred_x0_from_eps(x, eps_prime, alphas[k])
         x_next = ddim_update(pred_x0, eps_prime, alphas_prev[k], sigma, noise_like(x, generator))
-        step = Step(i, n, ts[k], ts[k - 1] if k else 0, x, eps_prime, pred_x0, x_next)
+        step = Step(index=i, total=n, t=ts[k], t_next=ts[k - 1] if k else 0, x=x, eps=eps_prime,
+                    pred_x0=pred_x0, x_next=x_next)
         yield step
-        old = (old + [eps])[-3:]
+        old = (*old, eps)[-3:]
         x = step.x_next
-
-
-def plms_sample(denoise: Denoise, x: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
-                **kwargs) -> torch.Tensor:
-    """`plms_steps` run to the end: the final latent."""
-    return drain(plms_steps(denoise, x, alphas_cumprod, num_steps, **kwargs), x.to(torch.float32))

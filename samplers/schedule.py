@@ -6,7 +6,9 @@ Notation (Ho et al. 2020; Song et al. 2021):
     timesteps        -> τ_1 < ... < τ_S, the DDIM sub-sequence the UNet is evaluated at
     alphas           -> ᾱ_{τ_i}
     alphas_prev      -> ᾱ_{τ_{i-1}}, with ᾱ_0 (not 1) before the first: the last step lands on t = 0
-    sigmas           -> σ_{τ_i}(η), eq. 16 of Song et al. 2021
+    sigmas           -> σ_{τ_i}(η), eq. 16 of Song et al. 2021 (`ddim_sigmas`: η is the sampler's choice)
+    t_start          -> img2img runs the last t_start steps of a schedule, from x0 noised one DDIM step
+                        above the first of them (`ddim_start`, the original's stochastic_encode + decode)
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from .noise import Generators, noise_like
 
 SD_LINEAR = (0.00085, 0.012)        # every SD 1.x / 2.x config
 UPSCALER_LINEAR = (0.0001, 0.02)    # x4-upscaling.yaml, the model and its low-res noise augmentation
@@ -64,28 +68,73 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Ten
 
 @dataclass(frozen=True)
 class DDIMSchedule:
-    """Per-step DDIM coefficients, indexed like the original's `index` (0 = the step nearest to data)."""
+    """Per-step DDIM ᾱ, indexed like the original's `index` (0 = the step nearest to data)."""
     timesteps: torch.Tensor    # int64 [S], ascending
     alphas: torch.Tensor       # float32 [S]
     alphas_prev: torch.Tensor  # float32 [S]
-    sigmas: torch.Tensor       # float32 [S]
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def __getitem__(self, index: slice) -> DDIMSchedule:
+        """`schedule[:k]`: the k steps nearest to data, the part an img2img run of k steps walks."""
+        return DDIMSchedule(self.timesteps[index], self.alphas[index], self.alphas_prev[index])
 
-def ddim_schedule(alphas_cumprod: torch.Tensor, num_steps: int, eta: float = 0.0) -> DDIMSchedule:
-    """`make_ddim_sampling_parameters` of the original, on the float32 ᾱ buffer.
 
-    σ is computed in float64 (the original mixes a float64 numpy array into it) and then rounded to
-    float32 as `torch.full` does when the sampler reads it.
-    """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+def ddim_schedule(alphas_cumprod: torch.Tensor, num_steps: int) -> DDIMSchedule:
+    """`make_ddim_sampling_parameters` of the original (its ᾱ), on the float32 ᾱ buffer."""
     ac = alphas_cumprod.detach().to("cpu", torch.float32)
     ts = ddim_timesteps(num_steps, len(ac))
-    alphas = ac[ts]
-    alphas_prev = torch.cat([ac[:1], ac[ts[:-1]]])
-    a, ap = alphas.double(), alphas_prev.double()
-    sigmas = eta * torch.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
-    return DDIMSchedule(ts, alphas, alphas_prev, sigmas.to(torch.float32))
+    return DDIMSchedule(ts, ac[ts], torch.cat([ac[:1], ac[ts[:-1]]]))
+
+
+def ddim_sigmas(schedule: DDIMSchedule, eta: float = 0.0) -> torch.Tensor:
+    """σ_{τ_i}(η) of eq. 16, float32 [S], as `make_ddim_sampling_parameters`: computed in float64 (the
+    original mixes a float64 numpy array into it), then rounded to float32 as `torch.full` does."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    a, ap = schedule.alphas.double(), schedule.alphas_prev.double()
+    return (eta * torch.sqrt((1 - ap) / (1 - a) * (1 - a / ap))).to(torch.float32)
+
+
+# ---------------------------------------------------------------- img2img: where a run of t_start steps starts
+def check_t_start(t_start: int | None, n: int) -> int:
+    """How many of a schedule's n steps a run takes: t_start (0..n), or all n when None."""
+    if t_start is None:
+        return n
+    if not 0 <= t_start <= n:
+        raise ValueError(f"t_start must be in 0..{n}, got {t_start}")
+    return t_start
+
+
+def _q_sample(x0: torch.Tensor, alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """√ᾱ x0 + √(1-ᾱ) z, x0 forward-noised to ᾱ (Ho et al. 2020, eq. 4), float32 on x0's device."""
+    x0, alpha = x0.to(torch.float32), alpha.to(x0.device)
+    return alpha.sqrt() * x0 + (1.0 - alpha).sqrt() * noise.to(x0.device, torch.float32)
+
+
+def stochastic_encode(x0: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int, t_enc: int,
+                      noise: torch.Tensor | None = None,
+                      generator: Generators = None) -> torch.Tensor:
+    """Noise a clean latent to DDIM step `t_enc`: √ᾱ x0 + √(1-ᾱ) z with ᾱ = ddim alphas[t_enc].
+
+    As the original `DDIMSampler.stochastic_encode(x0, t_enc)` (use_original_steps=False).
+    noise: when None, drawn like the samplers' noise (`noise_like`, float32 on the CPU generator).
+    """
+    sched = ddim_schedule(alphas_cumprod, num_steps)
+    if not 0 <= t_enc < len(sched):
+        raise ValueError(f"t_enc must be in 0..{len(sched) - 1}, got {t_enc}")
+    return _q_sample(x0, sched.alphas[t_enc], noise if noise is not None else noise_like(x0, generator))
+
+
+def ddim_start(noise: torch.Tensor, schedule: DDIMSchedule, x0: torch.Tensor | None = None,
+               t_start: int | None = None) -> tuple[torch.Tensor, DDIMSchedule]:
+    """(x, the steps to run) of an alpha-space run from unit `noise`: txt2img starts at x_T = noise;
+    img2img (x0 given) runs the last `t_start` steps, `schedule[:t_start]`, from x0 noised to DDIM
+    step t_start (`stochastic_encode`). As the original, that is one DDIM step above the first step
+    run (timesteps[t_start - 1]): the original images are made that way. At t_start = S, where the
+    original indexes past its table, x0 is noised to the top step instead."""
+    n = check_t_start(t_start, len(schedule))
+    if x0 is None:
+        return noise.to(torch.float32), schedule[:n]
+    return _q_sample(x0, schedule.alphas[min(n, len(schedule) - 1)], noise), schedule[:n]

@@ -10,15 +10,18 @@ Notation (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based G
                         std σ_up, with σ_down² + σ_up² = σ_next²
 
 x_σ and the latent of the alpha space x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε are the same point scaled:
-x_t = x_σ / √(σ² + 1) at σ = σ_t.
+x_t = x_σ / √(σ² + 1) at σ = σ_t. img2img runs the last t_start steps, from x0 + σ ε at the first
+of the last t_start + 1 levels (`sigma_start`, A1111's img2img).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from .noise import Generators, noise_like
+from .schedule import check_t_start
 
 SCHEDULES = ("discrete", "karras", "exponential")
 SCHEDULE_ALIASES = {"normal": "discrete", "default": "discrete", "automatic": "discrete"}
@@ -84,6 +87,21 @@ def get_sigmas(alphas_cumprod: torch.Tensor, n: int, schedule: str = "discrete",
     return torch.cat([sigmas.to(torch.float32), sigmas.new_zeros(1)])
 
 
+def sigma_start(noise: torch.Tensor, sigmas: torch.Tensor, x0: torch.Tensor | None = None,
+                t_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, the levels to walk) of a sigma-space run from unit `noise`: txt2img starts at σ_0 z; img2img
+    (x0 given) walks the last `t_start` steps, the last t_start + 1 levels, from x0 + σ z at the first."""
+    n = len(sigmas) - 1
+    sigmas = sigmas[n - check_t_start(t_start, n):]
+    x = noise * sigmas[0].item()
+    return (x if x0 is None else x0.to(torch.float32) + x), sigmas
+
+
+def as_floats(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
+    """The σ as Python floats, exactly as given: the samplers' scalar step math runs on them."""
+    return sigmas.tolist() if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]
+
+
 # ---------------------------------------------------------------- step helpers shared by the samplers
 def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
     """dx/dσ of the probability-flow ODE, (x - D(x; σ)) / σ (Karras et al. 2022, eq. 3 with σ(t) = t)."""
@@ -114,11 +132,18 @@ def lam(sigma: float) -> float:
 
 def dpm_solver_1(x: torch.Tensor, sigma: float, sigma_to: float, denoised: torch.Tensor) -> torch.Tensor:
     """First-order DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", sec. 4, h = λ_to - λ): x moved from σ to σ_to
-    holding x̂0 fixed, (σ_to/σ) x - (e^{-h} - 1) x̂0. It equals DDIM (η = 0) and the Euler step in σ;
-    σ_to = 0 lands on x̂0."""
+    holding x̂0 fixed, (σ_to/σ) x - (e^{-h} - 1) x̂0. It equals DDIM (η = 0) and the Euler step in σ; at
+    σ_to = 0 (h = ∞: the last step, or an ancestral step with η > 1 aiming at σ_down = 0) it is `euler_to_zero`."""
     if sigma_to == 0:
-        return denoised
+        return euler_to_zero(x, sigma, denoised)
     return (sigma_to / sigma) * x - math.expm1(lam(sigma) - lam(sigma_to)) * denoised
+
+
+def euler_to_zero(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+    """The last step, σ -> 0, of every sampler whose own step is undefined there (a slope at σ = 0, log 0
+    in λ): one Euler step x + (0 - σ) (x - x̂0) / σ, i.e. x̂0 up to rounding (Karras et al. 2022, Alg. 2
+    line 8 without the correction of lines 9-11, as k-diffusion)."""
+    return x + to_d(x, sigma, denoised) * (0.0 - sigma)
 
 
 def churn(x: torch.Tensor, sigma: float, num_steps: int, s_churn: float, s_tmin: float, s_tmax: float,

@@ -6,6 +6,7 @@ Where diffusers differs by design the test says how, and checks that this is the
 """
 from __future__ import annotations
 
+import inspect
 import math
 import types
 
@@ -19,11 +20,12 @@ from diffusers.schedulers import scheduling_lms_discrete
 from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler   # the real class, not the scipy dummy
 
 import samplers.noise
-from samplers import (REGISTRY, BrownianNoise, available, ddim_steps, ddpm_steps, dpm2_ancestral_steps,
-                      dpm2_steps, dpmpp_2m_steps, dpmpp_2s_ancestral_steps, dpmpp_sde_steps, drain,
-                      euler_ancestral_steps, euler_steps, get_sigmas, heun_steps, linear_alphas_cumprod,
-                      lms_coefficient, lms_steps, make_denoiser, make_sigma_denoiser, model_sigmas, noise_like,
-                      randn, register, resolve_sampler, sigma_to_t, stochastic_encode)
+from samplers import (REGISTRY, BrownianNoise, Step, available, ddim_schedule, ddim_steps, ddim_timesteps,
+                      ddpm_steps, denoiser_for, dpm2_ancestral_steps, dpm2_steps, dpmpp_2m_steps,
+                      dpmpp_2s_ancestral_steps, dpmpp_sde_steps, drain, euler_ancestral_steps, euler_steps,
+                      get_sigmas, heun_steps, linear_alphas_cumprod, lms_coefficient, lms_steps, make_denoiser,
+                      make_sigma_denoiser, model_sigmas, noise_like, randn, register, resolve_sampler, sigma_start,
+                      sigma_to_t, start_for, stochastic_encode)
 from samplers.registry import ALIASES
 
 AC = linear_alphas_cumprod()
@@ -232,7 +234,8 @@ def test_ddpm_matches_diffusers():
     sched.set_timesteps(N)
     ref, _ = _drive(sched, eps_model, _noise(), seed=3)
     model = Counting(eps_model)
-    steps = list(ddpm_steps(make_denoiser(model, COND, None, 1.0, "eps", AC), _noise(), AC, N, generator=_gen(3)))
+    steps = list(ddpm_steps(make_denoiser(model, COND, None, 1.0, "eps", AC), _noise(), ddim_schedule(AC, N),
+                            generator=_gen(3)))
     assert [s.t for s in steps] == sched.timesteps.tolist() and model.calls == N
     assert _max_diff(steps[-1].x_next, ref) <= TOL
 
@@ -241,8 +244,8 @@ def test_ddpm_is_ddim_eta1_but_the_last_step():
     """The posterior of eq. 6-7 is DDIM's η = 1 step (Song et al. 2021, eq. 16); DDPM's last step lands on
     ᾱ = 1 (x̂0, no noise) where DDIM's lands on ᾱ_0."""
     denoise = make_denoiser(eps_model, COND, None, 1.0, "eps", AC)
-    ddpm = list(ddpm_steps(denoise, _noise(), AC, N, generator=_gen(4)))
-    ddim = list(ddim_steps(denoise, _noise(), AC, N, eta=1.0, generator=_gen(4)))
+    ddpm = list(ddpm_steps(denoise, _noise(), ddim_schedule(AC, N), generator=_gen(4)))
+    ddim = list(ddim_steps(denoise, _noise(), ddim_schedule(AC, N), eta=1.0, generator=_gen(4)))
     assert max(_max_diff(a.x_next, b.x_next) for a, b in zip(ddpm[:-1], ddim[:-1])) <= TOL   # float32 rounding
     assert _max_diff(ddpm[-1].x_next, ddpm[-1].pred_x0) <= 1e-5 and _max_diff(ddpm[-1].x_next, ddim[-1].x_next) > 1e-3
 
@@ -401,10 +404,10 @@ def test_batch_invariance_with_per_sample_generators(name, monkeypatch):
 
     def run(rows):
         draws.clear()
-        denoise = spec.make_denoiser(eps_model, torch.zeros(len(rows), 1), None, 1.0, "eps", AC)
+        denoise = denoiser_for(spec, eps_model, torch.zeros(len(rows), 1), None, 1.0, "eps", AC)
         noise = randn((len(rows), 4, 8, 8), [torch.Generator().manual_seed(100 + i) for i in rows])
         gens = [torch.Generator().manual_seed(200 + i) for i in rows]
-        return drain(spec.steps(denoise, noise, AC, 6, generator=gens, **options), None), list(draws)
+        return drain(_run(spec, denoise, noise, 6, generator=gens, **options), None), list(draws)
     batch, batch_draws = run(range(4))
     assert len(batch_draws) > 2
     for i in range(4):
@@ -435,21 +438,53 @@ def test_dpmpp_sde_is_seeded_and_stochastic():
 
 
 # ---------------------------------------------------------------- the Step contract, for every sampler
+def _run(spec, denoise, noise, num_steps, *, x0=None, t_start=None, **kw):
+    """As the pipeline runs a sampler: its space's start point, then `spec.fn` on the schedule it gets."""
+    x, schedule = start_for(spec, noise, AC, num_steps, x0=x0, t_start=t_start)
+    return spec.fn(denoise, x, schedule, **kw)
+
+
+def _run_length(spec, num_steps):
+    """Steps of a full run: the original's DDIM spacing may add one (7 gives 8)."""
+    return len(ddim_timesteps(num_steps)) if spec.space == "alpha" else num_steps
+
+
 def _spec_run(name, model=eps_model, num_steps=N, **kw):
     spec = resolve_sampler(name)
-    denoise = spec.make_denoiser(model, COND, None, 1.0, "eps", AC)
-    return spec, spec.steps(denoise, _noise(), AC, num_steps, generator=_gen(9), **kw)
+    denoise = denoiser_for(spec, model, COND, None, 1.0, "eps", AC)
+    return spec, _run(spec, denoise, _noise(), num_steps, generator=_gen(9), **kw)
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_sampler_is_one_generator_function_of_keyword_built_steps(name):
+    """One shape: `fn(denoise, x, schedule, *, generator=None, **options)`, a generator function (its loop is
+    its own, not a helper's), yielding `Step`s that can only be built by keyword; replacing `x_next` steers it."""
+    fn = REGISTRY[name].fn
+    assert inspect.isgeneratorfunction(fn)
+    params = list(inspect.signature(fn).parameters.values())
+    assert [p.kind for p in params[:3]] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 3
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in params[3:])
+    assert params[3].name == "generator" and params[3].default is None
+    with pytest.raises(TypeError):
+        Step(0, 1, _noise(), _noise(), _noise(), _noise())
+    replaced = _noise(seed=5)
+    _, gen = _spec_run(name)
+    first = next(gen)
+    assert isinstance(first, Step)
+    first.x_next = replaced
+    assert next(gen).x is replaced
+    gen.close()
 
 
 @pytest.mark.parametrize("name", available())
 def test_yields_its_steps_and_fills_its_space(name):
     spec, gen = _spec_run(name, num_steps=7)
     steps = list(gen)
-    assert len(steps) == spec.num_steps(7) and [s.index for s in steps] == list(range(len(steps)))
+    assert len(steps) == _run_length(spec, 7) and [s.index for s in steps] == list(range(len(steps)))
     assert all(s.total == len(steps) and s.x_next.dtype == torch.float32 for s in steps)
     assert all(torch.equal(a.x_next, b.x) for a, b in zip(steps, steps[1:]))
     if spec.space == "sigma":
-        sigmas = spec.sigmas(AC, 7).tolist()
+        sigmas = get_sigmas(AC, 7).tolist()
         assert [s.sigma for s in steps] == sigmas[:-1] and [s.sigma_next for s in steps] == sigmas[1:]
         assert all(s.t is None for s in steps)
     else:
@@ -477,7 +512,7 @@ def test_replacing_x_next_steers_the_run(name):
             step.x_next = replaced
             break
     rest = list(gen)
-    assert rest[0].x is replaced and len(rest) == REGISTRY[name].num_steps(N) - 4
+    assert rest[0].x is replaced and len(rest) == _run_length(REGISTRY[name], N) - 4
     _, full = _spec_run(name)
     assert _max_diff(rest[-1].x_next, drain(full, None)) > 1e-2
 
@@ -514,6 +549,7 @@ def test_a1111_names_resolve(label):
     spec = resolve_sampler(label)
     assert (spec.name, spec.schedule) == A1111[label]
     assert resolve_sampler(label.upper()) == spec
+    assert resolve_sampler(spec.a1111_name) == spec    # the label written into a PNG reads back
 
 
 def test_resolve_schedules_and_errors():
@@ -539,17 +575,27 @@ def test_spec_img2img_starts_where_each_space_expects(name):
     x0 + σ z at the first of the last t_start + 1 levels (A1111's img2img)."""
     spec = resolve_sampler(name)
     x0, noise = torch.full(SHAPE, 0.5), _noise()
-    denoise = spec.make_denoiser(eps_model, COND, None, 1.0, "eps", AC)
-    steps = list(spec.steps(denoise, noise, AC, N, x0=x0, t_start=4, generator=_gen(1)))
+    denoise = denoiser_for(spec, eps_model, COND, None, 1.0, "eps", AC)
+    steps = list(_run(spec, denoise, noise, N, x0=x0, t_start=4, generator=_gen(1)))
     assert len(steps) == 4
     if spec.space == "alpha":
         z = stochastic_encode(x0, AC, N, 4, noise=noise)
-        direct = list(ddim_steps(denoise, z, AC, N, t_start=4, generator=_gen(1)))
+        direct = list(ddim_steps(denoise, z, ddim_schedule(AC, N)[:4], generator=_gen(1)))
         assert torch.equal(steps[-1].x_next, direct[-1].x_next)
     else:
         sigma = get_sigmas(AC, N)[N - 4].item()
         assert steps[0].sigma == sigma and torch.equal(steps[0].x, x0 + noise * sigma)
-    assert list(spec.steps(denoise, noise, AC, N, x0=x0, t_start=0)) == []
+    assert list(_run(spec, denoise, noise, N, x0=x0, t_start=0)) == []
+    with pytest.raises(ValueError, match="t_start"):
+        _run(spec, denoise, noise, N, x0=x0, t_start=N + 1)
+
+
+def test_sigma_img2img_walks_the_last_levels():
+    sigmas = get_sigmas(AC, N, "karras")
+    x, rest = sigma_start(_noise(), sigmas, torch.ones(SHAPE), t_start=3)
+    assert torch.equal(rest, sigmas[-4:]) and torch.equal(x, 1 + _noise() * sigmas[-4].item())
+    x, rest = sigma_start(_noise(), sigmas)
+    assert torch.equal(rest, sigmas) and torch.equal(x, _noise() * sigmas[0].item())
 
 
 def test_lms_coefficients_integrate_the_lagrange_basis():
@@ -571,7 +617,7 @@ def test_cuda_follows_the_cpu_noise(name):
     out = {}
     for device in ("cpu", "cuda"):
         spec = resolve_sampler(name, "karras" if REGISTRY[name].space == "sigma" else None)
-        denoise = spec.make_denoiser(eps_model, COND.to(device), None, 1.0, "eps", AC)
+        denoise = denoiser_for(spec, eps_model, COND.to(device), None, 1.0, "eps", AC)
         gens = [torch.Generator().manual_seed(i) for i in range(2)]
-        out[device] = drain(spec.steps(denoise, _noise().to(device), AC, N, generator=gens), None)
+        out[device] = drain(_run(spec, denoise, _noise().to(device), N, generator=gens), None)
     assert out["cuda"].device.type == "cuda" and _max_diff(out["cuda"].cpu(), out["cpu"]) <= TOL

@@ -10,7 +10,7 @@ from ldm import generate
 from ldm.images import read_parameters, read_settings, to_uint8
 from ldm.pipeline import txt2img
 from samplers.registry import REGISTRY, available, register
-from samplers.step import sigma_loop
+from samplers.step import Step
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -65,12 +65,16 @@ def test_schedule_flag_and_bad_sampler_choices(tmp_path, capsys):
 
 
 def half_euler_steps(denoise, x, sigmas, *, generator=None):
-    """A sampler written outside the package: Euler with the step shortened by half (for the test)."""
-    def update(i, x, sigma, sigma_next):
-        eps, x0 = denoise(x, sigma)
-        d = (x - x0) / sigma
-        return eps, x0, x + 0.5 * d * (sigma_next - sigma) + 0.5 * d * (sigma_next - sigma)
-    yield from sigma_loop(x, sigmas, update)
+    """A sampler written outside the package: two half Euler steps on one slope (for the test)."""
+    sig = sigmas.tolist()
+    for i in range(len(sig) - 1):
+        eps, x0 = denoise(x, sig[i])
+        d = (x - x0) / sig[i]
+        x_next = x + 0.5 * d * (sig[i + 1] - sig[i]) + 0.5 * d * (sig[i + 1] - sig[i])
+        step = Step(index=i, total=len(sig) - 1, x=x, eps=eps, pred_x0=x0, x_next=x_next,
+                    sigma=sig[i], sigma_next=sig[i + 1])
+        yield step
+        x = step.x_next
 
 
 def test_a_new_sampler_is_one_function_and_one_register_line(tmp_path):

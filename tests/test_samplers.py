@@ -12,9 +12,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from conftest import _fixture_state, fixture_config, fixture_meta, fixture_tensors
-from samplers import (UPSCALER_LINEAR, alphas_cumprod_from, ddim_sample, ddim_schedule, ddim_steps,
-                      ddim_timesteps, drain, linear_alphas_cumprod, make_denoiser, plms_sample, plms_steps,
-                      stochastic_encode)
+from samplers import (UPSCALER_LINEAR, alphas_cumprod_from, ddim_schedule, ddim_sigmas, ddim_start, ddim_steps,
+                      ddim_timesteps, drain, linear_alphas_cumprod, make_denoiser, plms_steps, stochastic_encode)
 from samplers.registry import REGISTRY
 
 SAMPLERS = {name: REGISTRY[name].fn for name in ("ddim", "plms")}
@@ -24,6 +23,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SAMPLER_TOL = 1e-3    # README: sampler latents reach ~50; thread count alone moves them by ~2e-4
 CALL_TOL = 1e-4
 AC = linear_alphas_cumprod()
+S10 = ddim_schedule(AC, 10)
 DIFFUSERS_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                        set_alpha_to_one=False)
 
@@ -66,7 +66,7 @@ def _replay_run(name: str, stem: str, device: str):
     # noise is the only draw: the same stream as a fresh CPU generator with that seed.
     generator = torch.Generator().manual_seed(1234) if "seed1234" in stem else None
     steps = SAMPLERS["plms" if stem == "plms" else "ddim"](
-        denoise, rec["x_T"].to(device), ac, meta["S"], eta=meta["eta"], generator=generator)
+        denoise, rec["x_T"].to(device), ddim_schedule(ac, meta["S"]), eta=meta["eta"], generator=generator)
     return rec, model, list(steps)
 
 
@@ -92,11 +92,11 @@ def test_linear_schedule_matches_diffusers(start, end):
 @pytest.mark.parametrize("stem", ["ddim_eta0", "ddim_eta0.5_seed1234"])
 def test_ddim_schedule_matches_original(name, stem):
     rec, meta = fixture_tensors(name, stem), fixture_meta(name, stem)
-    s = ddim_schedule(alphas_cumprod_from(_fixture_state(name)), meta["S"], meta["eta"])
+    s = ddim_schedule(alphas_cumprod_from(_fixture_state(name)), meta["S"])
     assert torch.equal(s.timesteps, rec["schedule.ddim_timesteps"])
     assert torch.equal(s.alphas, rec["schedule.ddim_alphas"])
     assert torch.equal(s.alphas_prev.double(), rec["schedule.ddim_alphas_prev"])
-    assert _max_diff(s.sigmas, rec["schedule.ddim_sigmas"]) <= 1e-7   # float32 rounding of float64 σ
+    assert _max_diff(ddim_sigmas(s, meta["eta"]), rec["schedule.ddim_sigmas"]) <= 1e-7   # float32 rounding of float64 σ
 
 
 @pytest.mark.parametrize("S", [1, 2, 3, 7, 10, 50, 333, 500, 501, 1000])
@@ -107,7 +107,7 @@ def test_uniform_spacing_keeps_the_original_step_count(S):
             ddim_timesteps(S)
         return
     assert ddim_timesteps(S).tolist() == original.tolist()
-    assert len(list(ddim_steps(lambda x, t: (x, x), torch.zeros(1), AC, S))) == len(original)
+    assert len(list(ddim_steps(lambda x, t: (x, x), torch.zeros(1), ddim_schedule(AC, S)))) == len(original)
 
 
 # ---------------------------------------------------------------- 2. the original runs, replayed
@@ -138,7 +138,7 @@ def test_img2img_stochastic_encode_and_decode_match_original(name, device):
 
     model = Replay(rec, torch.cat([rec["uc"], rec["c"]]), device)
     denoise = make_denoiser(model, rec["c"].to(device), rec["uc"].to(device), 7.5, meta["parameterization"], ac)
-    steps = list(ddim_steps(denoise, z_enc, ac, 10, t_start=7))
+    steps = list(ddim_steps(denoise, z_enc, ddim_schedule(ac, 10)[:7]))
     assert model.calls == model.expected == 7
     assert [s.t for s in steps] == [601, 501, 401, 301, 201, 101, 1]
     assert _max_diff(steps[-1].x_next, rec["samples"]) <= SAMPLER_TOL
@@ -182,7 +182,8 @@ def test_ddim_eta0_matches_diffusers(S, parameterization):
     prediction_type = "epsilon" if parameterization == "eps" else "v_prediction"
     sched = _with_our_alphas(DDIMScheduler(clip_sample=False, prediction_type=prediction_type, **DIFFUSERS_BETAS))
     traj = _diffusers_run(sched, model, _x(), S, eta=0.0)
-    steps = list(ddim_steps(make_denoiser(model, torch.zeros(2, 1), None, 1.0, parameterization, AC), _x(), AC, S))
+    denoise = make_denoiser(model, torch.zeros(2, 1), None, 1.0, parameterization, AC)
+    steps = list(ddim_steps(denoise, _x(), ddim_schedule(AC, S)))
     assert [s.t for s in steps] == sched.timesteps.tolist()
     assert max(_max_diff(s.x_next, y) for s, y in zip(steps, traj)) <= CALL_TOL
 
@@ -193,7 +194,7 @@ def test_ddim_eta_half_matches_diffusers_with_the_same_noise():
     traj = _diffusers_run(sched, _synthetic_eps, _x(), 10, eta=0.5,
                           variance_noise=lambda: torch.randn((2, 4, 8, 8), generator=twin))
     denoise = make_denoiser(_synthetic_eps, torch.zeros(2, 1), None, 1.0, "eps", AC)
-    steps = list(ddim_steps(denoise, _x(), AC, 10, eta=0.5, generator=torch.Generator().manual_seed(7)))
+    steps = list(ddim_steps(denoise, _x(), S10, eta=0.5, generator=torch.Generator().manual_seed(7)))
     assert max(_max_diff(s.x_next, y) for s, y in zip(steps, traj)) <= CALL_TOL
 
 
@@ -207,7 +208,7 @@ def test_plms_matches_diffusers_pndm(S):
     sched = _with_our_alphas(PNDMScheduler(skip_prk_steps=True, **DIFFUSERS_BETAS))
     traj = _diffusers_run(sched, model, _x(), S)
     diffusers_calls, calls[:] = list(calls), []
-    steps = list(plms_steps(make_denoiser(model, torch.zeros(2, 1), None, 1.0, "eps", AC), _x(), AC, S))
+    steps = list(plms_steps(make_denoiser(model, torch.zeros(2, 1), None, 1.0, "eps", AC), _x(), ddim_schedule(AC, S)))
     assert calls == diffusers_calls and len(calls) == S + 1
     assert len(steps) == S
     assert max(_max_diff(s.x_next, y) for s, y in zip(steps, traj[1:])) <= CALL_TOL
@@ -220,7 +221,7 @@ def test_plms_on_a_v_model_equals_plms_on_its_eps_twin():
         a = AC[t].view(-1, 1, 1, 1)
         return a.sqrt() * _synthetic_v(x, t, c) + (1 - a).sqrt() * x
     traj = _diffusers_run(_with_our_alphas(PNDMScheduler(skip_prk_steps=True, **DIFFUSERS_BETAS)), eps_twin, _x(), 10)
-    ours = plms_sample(make_denoiser(_synthetic_v, torch.zeros(2, 1), None, 1.0, "v", AC), _x(), AC, 10)
+    ours = drain(plms_steps(make_denoiser(_synthetic_v, torch.zeros(2, 1), None, 1.0, "v", AC), _x(), S10), None)
     assert _max_diff(ours, traj[-1]) <= CALL_TOL
 
 
@@ -242,28 +243,27 @@ def _denoise(model=_synthetic_eps):
 @pytest.mark.parametrize("S", [7, 10])
 def test_yields_one_step_per_timestep(name, S):
     ts = ddim_timesteps(S).tolist()
-    steps = list(SAMPLERS[name](_denoise(), _x(), AC, S))
+    steps = list(SAMPLERS[name](_denoise(), _x(), ddim_schedule(AC, S)))
     assert [s.index for s in steps] == list(range(len(ts))) and all(s.total == len(ts) for s in steps)
     assert [s.t for s in steps] == ts[::-1]
     assert [s.t_next for s in steps] == ts[::-1][1:] + [0]
     assert all(torch.equal(a.x_next, b.x) for a, b in zip(steps, steps[1:]))
 
 
-@pytest.mark.parametrize("steps_fn,sample_fn", [(ddim_steps, ddim_sample), (plms_steps, plms_sample)])
-def test_draining_equals_sample_and_leaves_x_alone(steps_fn, sample_fn):
+@pytest.mark.parametrize("steps_fn", [ddim_steps, plms_steps])
+def test_draining_ends_on_the_last_step_and_leaves_x_alone(steps_fn):
     x = _x()
     before = x.clone()
-    kw = dict(generator=torch.Generator().manual_seed(3))
-    drained = drain(steps_fn(_denoise(), x, AC, 10, **kw), x)
-    kw = dict(generator=torch.Generator().manual_seed(3))
-    assert torch.equal(sample_fn(_denoise(), x, AC, 10, **kw), drained)
+    drained = drain(steps_fn(_denoise(), x, S10, generator=torch.Generator().manual_seed(3)), x)
+    steps = list(steps_fn(_denoise(), x, S10, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(steps[-1].x_next, drained) and not torch.equal(drained, x)
     assert torch.equal(x, before)
 
 
 @pytest.mark.parametrize("name,calls", [("ddim", 3), ("plms", 4)])
 def test_break_stops_the_model_calls(name, calls):
     model = Counting()
-    for step in SAMPLERS[name](_denoise(model), _x(), AC, 10):
+    for step in SAMPLERS[name](_denoise(model), _x(), S10):
         if step.index == 2:
             break
     assert model.calls == calls
@@ -272,47 +272,59 @@ def test_break_stops_the_model_calls(name, calls):
 def test_replacing_x_next_steers_ddim():
     """DDIM is Markov in x: continuing from a replaced x_next equals a fresh run from it."""
     replaced = _x(seed=5)
-    gen = ddim_steps(_denoise(), _x(), AC, 10)
+    gen = ddim_steps(_denoise(), _x(), S10)
     for step in gen:
         if step.index == 3:
             step.x_next = replaced
             break
     rest = list(gen)
     assert rest[0].x is replaced and len(rest) == 6
-    assert torch.equal(rest[-1].x_next, ddim_sample(_denoise(), replaced, AC, 10, t_start=6))
-    assert _max_diff(rest[-1].x_next, ddim_sample(_denoise(), _x(), AC, 10)) > 1e-2
+    assert torch.equal(rest[-1].x_next, drain(ddim_steps(_denoise(), replaced, S10[:6]), None))
+    assert _max_diff(rest[-1].x_next, drain(ddim_steps(_denoise(), _x(), S10), None)) > 1e-2
 
 
 def test_replacing_x_next_steers_plms():
     replaced = _x(seed=5)
-    gen = plms_steps(_denoise(), _x(), AC, 10)
+    gen = plms_steps(_denoise(), _x(), S10)
     for step in gen:
         if step.index == 3:
             step.x_next = replaced
             break
     rest = list(gen)
     assert rest[0].x is replaced and len(rest) == 6
-    assert _max_diff(rest[-1].x_next, plms_sample(_denoise(), _x(), AC, 10)) > 1e-2
+    assert _max_diff(rest[-1].x_next, drain(plms_steps(_denoise(), _x(), S10), None)) > 1e-2
 
 
 @pytest.mark.parametrize("name,draws", [("ddim", 10), ("plms", 11)])
 def test_rng_stream_advances_as_the_original(name, draws):
     """A draw per DDIM update even at η = 0 (PLMS: two in its first step), as the original."""
     g, ref = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    drain(SAMPLERS[name](_denoise(), _x(), AC, 10, generator=g), _x())
+    drain(SAMPLERS[name](_denoise(), _x(), S10, generator=g), _x())
     for _ in range(draws):
         torch.randn((2, 4, 8, 8), generator=ref)
     assert torch.equal(g.get_state(), ref.get_state())
 
 
 def test_argument_checks():
-    with pytest.raises(ValueError):
-        list(ddim_steps(_denoise(), _x(), AC, 10, eta=-0.1))
-    with pytest.raises(ValueError):
-        list(plms_steps(_denoise(), _x(), AC, 10, eta=0.5))
-    with pytest.raises(ValueError):
-        list(ddim_steps(_denoise(), _x(), AC, 10, t_start=11))
-    assert torch.equal(ddim_sample(_denoise(), _x(), AC, 10, t_start=0), _x())
+    with pytest.raises(ValueError, match="eta"):
+        list(ddim_steps(_denoise(), _x(), S10, eta=-0.1))
+    with pytest.raises(ValueError, match="eta"):
+        list(plms_steps(_denoise(), _x(), S10, eta=0.5))
+    with pytest.raises(ValueError, match="t_start"):
+        ddim_start(_x(), S10, _x(), t_start=11)
+    x, empty = ddim_start(_x(), S10, t_start=0)
+    assert len(empty) == 0 and torch.equal(drain(ddim_steps(_denoise(), x, empty), x), _x())
+
+
+def test_img2img_start_is_the_original_stochastic_encode_and_the_last_t_start_steps():
+    """x0 noised to DDIM step t_start (one step above the first step run, as the original's img2img),
+    then schedule[:t_start]; at t_start = S, where the original indexes past its table, the top step."""
+    x0, noise = torch.full((2, 4, 8, 8), 0.5), _x()
+    x, sched = ddim_start(noise, S10, x0, t_start=7)
+    assert torch.equal(x, stochastic_encode(x0, AC, 10, 7, noise=noise))
+    assert sched.timesteps.tolist() == ddim_timesteps(10)[:7].tolist()
+    x, sched = ddim_start(noise, S10, x0, t_start=10)
+    assert torch.equal(x, stochastic_encode(x0, AC, 10, 9, noise=noise)) and len(sched) == 10
 
 
 # ---------------------------------------------------------------- 5. the denoiser
@@ -366,7 +378,7 @@ def test_cuda_follows_the_cpu_noise(name):
     eta = 0.5 if name == "ddim" else 0.0
     out = {}
     for device in ("cpu", "cuda"):
-        steps = SAMPLERS[name](_denoise(), _x().to(device), AC, 10, eta=eta, generator=torch.Generator().manual_seed(1))
+        steps = SAMPLERS[name](_denoise(), _x().to(device), S10, eta=eta, generator=torch.Generator().manual_seed(1))
         out[device] = drain(steps, _x())
     assert out["cuda"].device.type == "cuda"
     assert _max_diff(out["cuda"], out["cpu"]) <= CALL_TOL
