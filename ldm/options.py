@@ -22,16 +22,12 @@ DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 GET_A_CHECKPOINT = ("download an official checkpoint (e.g. v1-5-pruned-emaonly.safetensors from "
                     "huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5) and pass it with --ckpt")
-# as A1111 writes them in its infotext (plus " Karras" / " Exponential" for those schedules)
-SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler a",
-                 "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lms": "LMS", "dpmpp_2m": "DPM++ 2M",
-                 "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE"}
 SEED_MODES = ("original", "per-sample")
 
 
 def a1111_sampler_name(spec: SamplerSpec) -> str:
-    name = SAMPLER_NAMES.get(spec.name, spec.name)
-    return name if spec.schedule in (None, "discrete") else f"{name} {spec.schedule.capitalize()}"
+    """As A1111 writes it in its infotext: the record's label plus " Karras" / " Exponential"."""
+    return spec.a1111_name
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
 # Flags of the original scripts (CompVis and Stability-AI) that have no counterpart here.
 UNSUPPORTED = {
