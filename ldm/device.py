@@ -11,7 +11,7 @@ Latents and sampler math stay float32 whatever is chosen here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -46,8 +46,9 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def resolve_device(name: Optional[str] = "auto") -> torch.device:
-    name = (name or "auto").lower()
+def resolve_device(name: Union[str, torch.device, None] = "auto") -> torch.device:
+    """A device from a name (`auto`, `cpu`, `cuda:1`, `mps`) or a torch.device, checked to be usable here."""
+    name = str(name or "auto").lower()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -64,17 +65,24 @@ def resolve_device(name: Optional[str] = "auto") -> torch.device:
     return device
 
 
-def resolve(device: Optional[str] = "auto", dtype: Optional[str] = None,
+def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """A compute dtype from a name (`float16`, `fp16`, `bf16`, ...) or a torch.dtype (`torch.float16`)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise DeviceError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16 (names or torch dtypes)")
+
+
+def resolve(device: Union[str, torch.device, None] = "auto", dtype: Union[str, torch.dtype, None] = None,
             precision: Optional[str] = None) -> Placement:
-    """Decide the device and the compute dtype once, from the user's flags.
+    """Decide the device and the compute dtype once, from the user's flags or Python objects.
 
     `dtype` wins over `precision` (the original's `full|autocast`). Both None: the device's default."""
     dev = resolve_device(device)
     notes = []
     if dtype is not None:
-        if str(dtype).lower() not in DTYPES:
-            raise DeviceError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
-        want = DTYPES[str(dtype).lower()]
+        want = resolve_dtype(dtype)
     elif precision is not None:
         if precision not in ("full", "autocast"):
             raise DeviceError(f"unknown precision {precision!r}; use full or autocast")

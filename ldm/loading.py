@@ -1,10 +1,12 @@
-"""`ldm.load`: a checkpoint file (+ optional original YAML config) to ready networks.
+"""`ldm.load`: a checkpoint file (+ optional original YAML config) to ready networks, in four stages:
+read (file -> flat state dict) -> resolve the config (family, YAML or preset, prediction type) -> build on
+`meta` and load strictly -> place (device and dtype, parts deferred to their first call, the prediction
+probe, the CPU fast path).
 
 The networks are built on the `meta` device and take the file's tensors with `assign=True`, so a 4 GB
 checkpoint is never held twice: a memory-mapped float32 file used in float32 on the CPU is not even copied.
-On the CPU the convolutions then reorder their weights once per input shape and float32 linear layers run
-on oneDNN (models/prepack.py); call `models.prepack.unpack_convolutions` on a network before taking its
-state_dict or moving it.
+What differs between kinds of text encoder and between families is in their records
+(models/text_encoders.py, models/config.py's FAMILIES, weights/families.py's RULES), not here.
 """
 from __future__ import annotations
 
@@ -15,10 +17,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from models.clip_text import CLIPTextModel, normalize_clip_keys
-from models.config import PRESETS, CLIPTextConfig, ConfigError, ModelConfig, from_yaml
-from models.openclip_text import OpenCLIPTextModel, normalize_openclip_keys
+from models.config import PRESETS, ConfigError, ModelConfig, from_yaml
 from models.prepack import can_prepack, onednn_linears, prepack_convolutions
+from models.text_encoders import text_encoder
 from models.tokenizer import Tokenizer, tokenizer_for
 from models.unet import UNetModel
 from models.vae import AutoencoderKL
@@ -126,21 +127,43 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
 
     config: an original YAML (`v1-inference.yaml`), a ModelConfig, or None to detect the family from the
     file's keys (a YAML beside the checkpoint with the same stem is used when present).
-    device/dtype: a Placement, or names for `ldm.device.resolve` (None: auto).
+    device/dtype: a Placement, or for `ldm.device.resolve` a device (`"cuda"`, `torch.device("cpu")`) and a
+    dtype (`"bf16"`, `torch.float16`); None: auto.
     ema: use the EMA copy of the UNet (`model_ema.*`) that full training checkpoints carry.
     vae: a separate VAE file to use instead of the checkpoint's own.
     prediction: "eps" or "v", overriding the config; SD 2 files without either are probed."""
     path = Path(path)
-    placement = device if isinstance(device, Placement) else resolve(device or "auto", dtype)
+    placement = device if isinstance(device, Placement) else resolve(device, dtype)
     notes = list(placement.notes)
     configure_backends(placement)
+    state = _read(path)
+    family, cfg = resolve_config(path, state, config, prediction, notes)
+    unet, autoencoder, text, vae_path = build(path, state, family, cfg, ema, vae, notes)
+    unet, autoencoder, text, cfg = place_all(unet, autoencoder, text, cfg, placement, path, vae_path, notes)
+    alphas_cumprod, agree = sampling_schedule(cfg, schedule_buffers(state))
+    if agree is False:
+        notes.append("the checkpoint's alphas_cumprod differs from the config's linear schedule; "
+                     "sampling with the checkpoint's, as the original does")
+    return LatentDiffusion(
+        family=family, config=cfg, unet=unet, vae=autoencoder, text_encoder=text,
+        tokenizer=tokenizer_for(cfg.text), alphas_cumprod=alphas_cumprod, placement=placement, path=path,
+        notes=notes)
+
+
+def _read(path: Path) -> dict:
+    """Stage 1: the file as one flat {key: tensor} dict (memory-mapped where the format allows)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    return read_checkpoint(path)
+
+
+def resolve_config(path: Path, state: dict, config, prediction: Optional[str], notes: list) -> tuple[str, ModelConfig]:
+    """Stage 2: the family the tensors show, and the config to build it with: the one given, the YAML beside
+    the checkpoint, or the family's preset; `prediction` overrides its parameterization."""
     if prediction not in (None, "eps", "v"):
         raise ConfigError(f"prediction must be eps or v, got {prediction!r}")
     if config is None and (beside := find_config(path)) is not None:
         config, _ = beside, notes.append(f"using the config beside the checkpoint: {beside.name}")
-    state = read_checkpoint(path)
     family = detect_family({k: tuple(v.shape) for k, v in state.items()}, source=path)
     if family == "vae":
         raise CheckpointError(f"{path.name}: this is a VAE-only file; load a full model checkpoint "
@@ -160,32 +183,44 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
             notes.append(f"the config says the model predicts {cfg.parameterization}; using {prediction} as asked "
                          "(--prediction)")
         cfg = replace(cfg, parameterization=prediction)
+    return family, cfg
 
-    parts = split_components(state)
-    text_key = "clip_text" if isinstance(cfg.text, CLIPTextConfig) else "openclip_text"
-    for needed in ("unet", "vae", text_key):
-        if not parts.parts.get(needed) and not (needed == "vae" and vae is not None):
+
+def build(path: Path, state: dict, family: str, cfg: ModelConfig, ema: bool, vae, notes: list):
+    """Stage 3: the three networks built on `meta`, each given its tensors strictly (the UNet's EMA copy and
+    a separate VAE file on request). Returns (unet, vae, text encoder, the VAE's file)."""
+    parts = split_components(state).parts
+    encoder = text_encoder(cfg.text)
+    for needed in ("unet", "vae", encoder.component):
+        if not parts.get(needed) and not (needed == "vae" and vae is not None):
             raise CheckpointError(f"{path.name}: no {needed} weights in this file; it is not a complete "
                                   f"{family} checkpoint")
     with torch.device("meta"):
         unet = UNetModel(cfg.unet)
         autoencoder = AutoencoderKL(cfg.vae)
-        text = CLIPTextModel(cfg.text) if text_key == "clip_text" else OpenCLIPTextModel(cfg.text)
-    unet_state = parts.parts["unet"]
+        text = encoder.module(cfg.text)
+    unet_state = parts["unet"]
     if ema:
         unet_state = ema_unet(state, list(unet.state_dict()), source=path)
         notes.append("using the EMA weights of the UNet (model_ema.*)")
-    vae_state, vae_path = parts.parts.get("vae"), path
+    vae_state, vae_path = parts.get("vae"), path
     if vae is not None:
         vae_path = Path(vae)
         vae_state = _vae_state(vae_path)
         notes.append(f"using the VAE from {vae_path.name}")
-    normalize = normalize_clip_keys if text_key == "clip_text" else normalize_openclip_keys
     _load_strict(unet, unet_state, "UNet", family, path)
     _load_strict(autoencoder, vae_state, "VAE", family, vae_path)
-    _load_strict(text, normalize(parts.parts[text_key]), "text encoder", family, path)
+    _load_strict(text, encoder.normalize(parts[encoder.component]), "text encoder", family, path)
+    return unet, autoencoder, text, vae_path
+
+
+def place_all(unet, autoencoder, text, cfg: ModelConfig, placement: Placement, path: Path, vae_path: Path,
+              notes: list):
+    """Stage 4: the networks on the compute device and dtype (parts a command may never run on their first
+    call), the prediction type probed when no config says it, then the CPU fast path. Returns the networks
+    and the config with its parameterization known."""
     release = PageReleaser(path)
-    release_vae = release if vae is None else PageReleaser(vae_path)
+    release_vae = release if vae_path == path else PageReleaser(vae_path)
     unet, text = place(unet, placement, release), place(text, placement, release, later=text.skipped_blocks())
     autoencoder = place(autoencoder, placement, release_vae, later=(autoencoder.encoder, autoencoder.quant_conv))
     if cfg.parameterization is None:
@@ -196,11 +231,4 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
     if placement.device.type == "cpu" and can_prepack(placement.dtype):  # after the probe's odd 8x8 shape
         prepack_convolutions(unet), prepack_convolutions(autoencoder)
         onednn_linears(unet), onednn_linears(text)
-    alphas_cumprod, agree = sampling_schedule(cfg, schedule_buffers(state))
-    if agree is False:
-        notes.append("the checkpoint's alphas_cumprod differs from the config's linear schedule; "
-                     "sampling with the checkpoint's, as the original does")
-    return LatentDiffusion(
-        family=family, config=cfg, unet=unet, vae=autoencoder, text_encoder=text,
-        tokenizer=tokenizer_for(cfg.text), alphas_cumprod=alphas_cumprod, placement=placement, path=path,
-        notes=notes)
+    return unet, autoencoder, text, cfg

@@ -122,3 +122,19 @@ def test_bfloat16_images_stay_within_30_db_of_float32(name):
         images.append(to_uint8(image).astype(float))
     psnr = 10 * np.log10(255 ** 2 / ((images[0] - images[1]) ** 2).mean())
     assert psnr >= 30, f"{psnr:.1f} dB"
+
+
+def test_torch_devices_and_dtypes_are_taken_as_well_as_names():
+    assert resolve(torch.device("cpu"), torch.float32) == resolve("cpu", "float32")
+    assert resolve(torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+    assert resolve("cpu", torch.float16) == resolve("cpu", "fp16")  # the CPU's half fallback, with its note
+    with pytest.raises(DeviceError, match="torch.int8"):
+        resolve("cpu", torch.int8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_load_takes_torch_objects(dtype):
+    name = "sd1_tiny"
+    model = ldm.load(FIXTURES[name] / f"{name}.safetensors", device=torch.device("cpu"), dtype=dtype)
+    assert model.placement.device == torch.device("cpu") and model.placement.dtype == dtype
+    assert {p.dtype for p in model.unet.parameters()} == {dtype}

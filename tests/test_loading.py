@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ldm
-from conftest import FIXTURES, LAYOUT_FAMILY, fixture_tensors, layout
+from conftest import FIXTURES, LAYOUT_FAMILY, copy_config, fixture_tensors, layout
 from ldm.loading import detect_prediction
 from ldm.placing import converted, place_now
-from models.clip_text import CLIPTextModel, normalize_clip_keys
-from models.config import PRESETS, CLIPTextConfig
-from models.openclip_text import OpenCLIPTextModel
+from models.config import PRESETS
+from models.text_encoders import text_encoder
 from models.unet import UNetModel
 from models.vae import AutoencoderKL
 from weights import CheckpointError, split_components
@@ -45,13 +44,12 @@ def test_every_official_key_is_loaded_or_recognised(stem):
     parts = split_components({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     assert parts.unknown == []
     cfg = PRESETS[LAYOUT_FAMILY[stem]]
+    encoder = text_encoder(cfg.text)
     with torch.device("meta"):
-        text = CLIPTextModel(cfg.text) if isinstance(cfg.text, CLIPTextConfig) else OpenCLIPTextModel(cfg.text)
-        nets = {"unet": UNetModel(cfg.unet), "vae": AutoencoderKL(cfg.vae),
-                "clip_text" if isinstance(cfg.text, CLIPTextConfig) else "openclip_text": text}
+        nets = {"unet": UNetModel(cfg.unet), "vae": AutoencoderKL(cfg.vae), encoder.component: encoder.module(cfg.text)}
     assert set(parts.parts) == set(nets)
     for name, net in nets.items():
-        part = normalize_clip_keys(parts.parts[name]) if name == "clip_text" else parts.parts[name]
+        part = encoder.normalize(parts.parts[name]) if name == encoder.component else parts.parts[name]
         assert {k: tuple(v.shape) for k, v in part.items()} == {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
@@ -139,7 +137,7 @@ def test_config_beside_the_checkpoint_is_used_and_missing_config_gives_a_clear_e
         ldm.load(path, device="cpu")
     msg = str(e.value)
     assert "\n" not in msg and "sd1" in msg and "--config" in msg
-    (tmp_path / "sd1_tiny.yaml").write_text((FIXTURES["sd1_tiny"] / "sd1_tiny.yaml").read_text())
+    copy_config(FIXTURES["sd1_tiny"] / "sd1_tiny.yaml", tmp_path)
     model = ldm.load(path, device="cpu")
     assert any("sd1_tiny.yaml" in n for n in model.notes)
 
