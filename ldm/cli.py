@@ -6,12 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from models.config import ConfigError
-from weights import CheckpointError
+from .errors import run_command
 
-from .device import DeviceError
-
-USER_ERRORS = (CheckpointError, ConfigError, DeviceError)
 GENERATE = {"txt2img": "images from a text prompt (the original scripts/txt2img.py flags)",
             "img2img": "variations of an input image (the original scripts/img2img.py flags)",
             "steps": "watch an image form: a filmstrip and a GIF of the predicted x0 (txt2img flags + --every)"}
@@ -50,10 +46,4 @@ def main(argv=None) -> int:
         from .generate import main as generate  # the same code as tools/txt2img.py and tools/img2img.py
         return generate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(lambda: args.run(args))

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from . import pipeline
-from .generate import load_for_run
-from .options import UsageError, build_parser, check_model, validate
+from .errors import UsageError, run_command
 from .images import make_grid, save_gif, save_png, to_uint8
+from .options import build_parser, validate
 from .preview import fit_latent_rgb
+from .runtime import load_for_run
 
 
 def filmstrip_latents(steps, every: int):
@@ -35,15 +36,14 @@ def run(args) -> int:
         raise UsageError(f"--every {args.every}: must be at least 1")
     plan = validate("txt2img", args)
     model = load_for_run(args, plan)
-    check_model(model, args)
     for note in model.notes:
         print(f"note: {note}")
-    prompts = plan["data"][0]
+    prompts = plan.batches[0]
     generator = pipeline.make_generators(args.seed, len(prompts), args.seed_mode)
     steps = pipeline.txt2img_steps(model, prompts, negative_prompt=args.negative_prompt, n_samples=len(prompts),
-                                   height=args.H, width=args.W, steps=args.ddim_steps, sampler=plan["sampler"],
-                                   schedule=plan["spec"].schedule, scale=args.scale, eta=args.ddim_eta,
-                                   generator=generator)
+                                   height=plan.height, width=plan.width, steps=args.ddim_steps,
+                                   sampler=plan.spec.name, schedule=plan.spec.schedule, scale=args.scale,
+                                   eta=args.ddim_eta, generator=generator)
     kept, latents = filmstrip_latents(steps, args.every)
     s, b = latents.shape[:2]
     flat = latents.flatten(0, 1)  # (S*B, C, h, w), step-major
@@ -55,9 +55,10 @@ def run(args) -> int:
     rows = [row for i in range(b) for row in (decoded_u8[:, i], preview_u8[:, i])]
     strip = make_grid(np.concatenate(rows), n_rows=s)
     settings = {"command": "steps", "prompt": prompts[0], "negative_prompt": args.negative_prompt,
-                "seed": args.seed, "seed_mode": args.seed_mode, "sampler": plan["sampler"],
-                "schedule": plan["spec"].schedule, "steps": args.ddim_steps, "scale": args.scale,
-                "eta": args.ddim_eta, "H": args.H, "W": args.W, "every": args.every, "shown_steps": kept,
+                "seed": args.seed, "seed_mode": args.seed_mode, "sampler": plan.spec.name,
+                "schedule": plan.spec.schedule, "steps": args.ddim_steps, "scale": args.scale,
+                "eta": args.ddim_eta, "H": plan.height, "W": plan.width, "f": model.config.vae.downsampling_factor,
+                "every": args.every, "shown_steps": kept,
                 "ckpt": str(args.ckpt), "preview_fit_rms": fit.rms,
                 "preview_weight": fit.weight.tolist(), "preview_bias": fit.bias.tolist()}
     png = save_png(strip, args.outdir, parameters=f"{prompts[0]}\nSteps: {args.ddim_steps}, Seed: {args.seed}",
@@ -70,16 +71,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import USER_ERRORS
-
     parser = build_parser("txt2img", prog="python -m ldm steps")
     parser.add_argument("--every", type=int, default=1, help="show every K-th step (and the last)")
     parser.set_defaults(outdir="outputs/steps", n_samples=1, n_iter=1)
-    try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-        return run(args)
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 0
-    except (ValueError, OSError, *USER_ERRORS) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(lambda: run(parser.parse_args(argv)))

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from samplers.registry import SamplerSpec, available, resolve_sampler
 from samplers.schedule import ddim_timesteps
 from samplers.sigmas import SCHEDULES
 
-from .device import resolve
+from .device import Placement, resolve
+from .errors import UsageError
 from .images import load_image
 from .loading import LatentDiffusion
 
@@ -48,8 +52,23 @@ IMG2IMG_UNSUPPORTED = {
 }
 
 
-class UsageError(ValueError):
-    """A flag or input the user can fix; the message is one line and says what to do."""
+@dataclass(frozen=True)
+class InitImage:
+    image: torch.Tensor  # (1, 3, H, W) in [-1, 1], H and W cut to multiples of 32
+    note: Optional[str]  # how it was resized (None: it was not)
+    sha256: str          # of the file, for the PNG metadata
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `validate` found: all a run needs besides the model, with no weights read yet."""
+    spec: SamplerSpec
+    batches: list[list[str]]  # the prompts, n_samples to a batch (the last may be short)
+    init: Optional[InitImage]  # img2img's input image
+    height: int                # of the images: --H/--W, or the init image's
+    width: int
+    placement: Placement
+    ckpt: Path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,8 +113,8 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     # img2img takes its size from the init image; the flags are kept only to say so
     a("--H", type=int, default=None if img else 512, help=argparse.SUPPRESS if img else "image height, in pixel space")
     a("--W", type=int, default=None if img else 512, help=argparse.SUPPRESS if img else "image width, in pixel space")
-    a("--C", type=int, default=4, help="latent channels (must match the model)")
-    a("--f", type=int, default=8, help="downsampling factor of the VAE (must match the model)")
+    a("--C", type=int, default=None, help="latent channels (default: the model's; must match it)")
+    a("--f", type=int, default=None, help="downsampling factor of the VAE (default: the model's; must match it)")
     a("--n_samples", type=int, default=2 if img else 3,
       help="how many samples to produce for each given prompt, a.k.a. batch size")
     a("--n_rows", type=int, default=0,
@@ -126,7 +145,7 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
       help="compute attention in N slices of queries: less memory on CPU/MPS (CUDA's kernels need none)")
     a("--compile", action="store_true",
       help="torch.compile the UNet: a minute or more of compiling first, then faster steps "
-           "(CUDA; on the CPU in bfloat16 it pays after about 75 steps, in float32 it was slower)")
+           "(CUDA, and long runs in bfloat16 on the CPU; in float32 on the CPU it was slower)")
     a("--vae-tiling", "--vae_tiling", dest="vae_tiling", action="store_true",
       help="decode and encode in overlapping 512-px tiles, blended: large images in little memory")
     for flag in UNSUPPORTED:
@@ -161,7 +180,16 @@ def _read_prompts(args) -> list[list[str]]:
     return [list(batch) for batch in iter(lambda: tuple(islice(it, args.n_samples)), ())]
 
 
-def validate(command: str, args) -> dict:
+def _check_size(args, multiple: int, why: str) -> None:
+    """--H and --W are whole latent pixels: multiples of the VAE's factor."""
+    for flag in ("H", "W"):
+        value = getattr(args, flag)
+        if value < multiple or value % multiple:
+            raise UsageError(f"--{flag} {value} is not a multiple of {multiple}; "
+                             f"{_nearest_multiples(value, multiple)} ({why})")
+
+
+def validate(command: str, args) -> RunPlan:
     """Check every flag and input file; return what the run needs. Reads no weights."""
     img = command == "img2img"
     for flag, message in UNSUPPORTED.items():
@@ -182,20 +210,18 @@ def validate(command: str, args) -> dict:
         raise UsageError(f"--ddim_eta {args.ddim_eta}: the {sampler} sampler takes no eta; leave it at 0")
     if args.prompt is None and not args.from_file:
         raise UsageError("--prompt needs a text (or use --from-file)")
-    if not img:
-        for flag in ("H", "W"):
-            value = getattr(args, flag)
-            if value < 8 or value % 8:
-                raise UsageError(f"--{flag} {value} is not a multiple of 8; {_nearest_multiples(value, 8)}")
+    for flag in ("n_samples", "n_iter", "repeat", "C", "f"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if not img:  # without --f, 8 (SD's VAE); a model with a factor that does not divide 8 is checked after loading
+        _check_size(args, args.f or 8, f"the factor --f {args.f} asks for" if args.f else
+                    "8: the factor of SD's VAE; for a VAE with another, pass its --f")
     if args.ddim_steps < 1 or args.ddim_steps > 1000:
         raise UsageError(f"--ddim_steps {args.ddim_steps}: must be in 1..1000")
     try:
         ddim_timesteps(args.ddim_steps)
     except ValueError as e:
         raise UsageError(f"--ddim_steps {args.ddim_steps}: {e}") from None
-    for flag in ("n_samples", "n_iter", "repeat", "C", "f"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.compile and args.lowvram:
         raise UsageError("--compile and --lowvram do not go together (lowvram moves the UNet block by block); "
                          "pick one")
@@ -219,7 +245,7 @@ def validate(command: str, args) -> dict:
         if not args.init_img:
             raise UsageError("--init-img is required: the image to start from")
         image, note = load_image(args.init_img, multiple=32)
-        init = {"image": image, "note": note, "sha256": hashlib.sha256(Path(args.init_img).read_bytes()).hexdigest()}
+        init = InitImage(image, note, hashlib.sha256(Path(args.init_img).read_bytes()).hexdigest())
     placement = resolve(args.device, "bfloat16" if args.bf16 and args.dtype is None else args.dtype,
                         args.precision)
     if args.config is not None and not Path(args.config).is_file():
@@ -233,7 +259,8 @@ def validate(command: str, args) -> dict:
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"{outdir}: is a file; --outdir takes a folder")
-    return {"sampler": sampler, "spec": spec, "data": data, "init": init, "placement": placement, "ckpt": ckpt}
+    height, width = (args.H, args.W) if init is None else init.image.shape[2:]
+    return RunPlan(spec, data, init, height, width, placement, ckpt)
 
 
 def check_model(model: LatentDiffusion, args) -> None:
@@ -242,8 +269,11 @@ def check_model(model: LatentDiffusion, args) -> None:
         raise UsageError(f"{Path(args.ckpt).name} is a {model.family} checkpoint; txt2img and img2img need a "
                          "text-to-image model (SD 1.x or SD 2.x)")
     f, channels = model.config.vae.downsampling_factor, model.config.vae.embed_dim
-    if args.f != f:
-        raise UsageError(f"--f {args.f} does not match the model: its VAE downsamples by {f}; pass --f {f}")
-    if args.C != channels:
+    if args.f is not None and args.f != f:
+        raise UsageError(f"--f {args.f} does not match the model: its VAE downsamples by {f}; pass --f {f} "
+                         "or leave --f out")
+    if args.C is not None and args.C != channels:
         raise UsageError(f"--C {args.C} does not match the model: its latents have {channels} channels; "
-                         f"pass --C {channels}")
+                         f"pass --C {channels} or leave --C out")
+    if args.H is not None:  # img2img's size is the init image's, cut to multiples of 32
+        _check_size(args, f, f"this model's VAE downsamples by {f}")

@@ -5,11 +5,13 @@ the images; files, numbering, metadata and error handling are checked against wh
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,9 +41,8 @@ def _file(name: str, ext: str) -> str:
 
 
 def model_flags(name: str = "sd1_tiny", ext: str = "safetensors") -> list[str]:
-    # the tiny VAE downsamples by 2 (--f 2); CPU float32 as the fixtures
-    return ["--ckpt", _file(name, ext), "--config", _file(name, "yaml"), "--f", "2", "--precision", "full",
-            "--device", "cpu"]
+    # CPU float32 as the fixtures; no --f: the tiny VAE downsamples by 2, and --f defaults to the model's
+    return ["--ckpt", _file(name, ext), "--config", _file(name, "yaml"), "--precision", "full", "--device", "cpu"]
 
 
 def run(capsys, command: str, argv: list[str]) -> tuple[int, str, str]:
@@ -87,6 +88,7 @@ def test_txt2img_files_grid_numbering_metadata(tmp_path, capsys):
     expected = {"command": "txt2img", "prompt": PROMPT, "negative_prompt": "", "seed": 7, "iteration": 1,
                 "index_in_batch": 1, "batch": 0, "batch_size": 2, "n_samples": 2, "n_iter": 2,
                 "fixed_code": False, "sampler": "ddim", "steps": 2, "eta": 0.0, "scale": 7.5, "H": 32, "W": 32,
+                "C": 4, "f": 2,  # the model's, though no flag named them
                 "ckpt": _file("sd1_tiny", "safetensors"), "model_hash": sha10(_file("sd1_tiny", "safetensors")),
                 "config": _file("sd1_tiny", "yaml"), "device": "cpu", "dtype": "float32", "prediction": "eps",
                 "ema": False, "torch_version": torch.__version__}
@@ -303,13 +305,57 @@ def test_cuda_asked_for_without_a_gpu(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--f", "8"], "--f 8 does not match the model: its VAE downsamples by 2; pass --f 2"),
-    (["--C", "3"], "--C 3 does not match the model: its latents have 4 channels; pass --C 4"),
+    (["--f", "8"], "--f 8 does not match the model: its VAE downsamples by 2; pass --f 2 or leave --f out"),
+    (["--C", "3"], "--C 3 does not match the model: its latents have 4 channels; pass --C 4 or leave --C out"),
 ])
 def test_flags_that_must_match_the_model(tmp_path, capsys, flags, message):
-    code, _, err = run(capsys, "txt2img", model_flags() + FAST + flags + ["--outdir", tmp_path])
+    code, out, err = run(capsys, "txt2img", model_flags() + FAST + flags + ["--outdir", tmp_path])
     assert_one_line_error(code, err, message)
+    assert "Loading model" in out  # only the loaded model knows its factor and channels
     assert listing(tmp_path) == []
+
+
+def test_flags_that_match_the_model_may_be_given(tmp_path, capsys):
+    code, _, err = run(capsys, "txt2img", model_flags() + FAST + ["--f", 2, "--C", 4, "--n_samples", 1, "--n_iter", 1,
+                                                                  "--skip_grid", "--outdir", tmp_path])
+    assert code == 0, err
+    assert {k: read_settings(tmp_path / "samples" / "00000.png")[k] for k in ("C", "f")} == {"C": 4, "f": 2}
+
+
+def test_size_is_checked_against_the_factor_in_use(tmp_path, capsys):
+    # without --f, 8 (SD's factor) before loading, and the message says how to ask for another
+    code, _, err = run(capsys, "txt2img", model_flags() + FAST + ["--H", 36, "--outdir", tmp_path])
+    assert_one_line_error(code, err, "--H 36 is not a multiple of 8; use 32 or 40", "pass its --f")
+    # an explicit --f is the multiple instead: 36 is whole latent pixels at f = 2, 35 is not
+    code, _, err = run(capsys, "txt2img", model_flags() + FAST + ["--f", 2, "--H", 35, "--outdir", tmp_path])
+    assert_one_line_error(code, err, "--H 35 is not a multiple of 2; use 34 or 36", "--f 2")
+    code, _, err = run(capsys, "txt2img", model_flags() + FAST + ["--f", 2, "--H", 36, "--n_samples", 1,
+                                                                  "--n_iter", 1, "--outdir", tmp_path])
+    assert code == 0, err
+    assert pixels(tmp_path / "grid-0000.png").shape == (36, 32, 3)
+
+
+def test_a_factor_that_does_not_divide_8_is_checked_after_loading():
+    # a stand-in for a model whose VAE downsamples by 16 (no such fixture): 8 passed before loading, 16 is checked now
+    model = SimpleNamespace(family="sd1", config=SimpleNamespace(vae=SimpleNamespace(downsampling_factor=16,
+                                                                                     embed_dim=4)))
+    args = generate.build_parser("txt2img").parse_args(["--H", "520", "--W", "512"])
+    with pytest.raises(generate.UsageError, match="--H 520 is not a multiple of 16; use 512 or 528 "
+                                                  r"\(this model's VAE downsamples by 16\)"):
+        generate.check_model(model, args)
+    generate.check_model(model, generate.build_parser("txt2img").parse_args(["--H", "512", "--W", "512"]))
+
+
+def test_the_run_plan_is_a_frozen_record(tmp_path, init_png):
+    argv = model_flags() + ["--init-img", str(init_png), "--n_samples", "3", "--sampler", "Euler a"]
+    plan = generate.validate("img2img", generate.build_parser("img2img").parse_args(argv))
+    assert dataclasses.is_dataclass(plan)
+    assert (plan.spec.name, plan.batches, plan.height, plan.width) == ("euler_a", [3 * [generate.build_parser(
+        "img2img").get_default("prompt")]], 64, 64)
+    assert plan.init.sha256 == hashlib.sha256(init_png.read_bytes()).hexdigest() and plan.init.note is None
+    assert plan.ckpt == Path(_file("sd1_tiny", "safetensors")) and plan.placement.device == torch.device("cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.height = 32
 
 
 def test_help(capsys):

@@ -1,0 +1,48 @@
+"""What the commands do with an error a user can fix: one line on stderr, exit code 2; Ctrl-C exits 130.
+
+Every command (`inspect`, `txt2img`, `img2img`, `steps`) runs through `run_command`, so the three kinds
+of failure look the same everywhere. Nothing here imports a command: the commands import this.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from models.config import ConfigError
+from weights import CheckpointError
+
+from .device import DeviceError
+
+USER_ERROR = 2    # a flag, an input file or a checkpoint the user can fix
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+class UsageError(ValueError):
+    """A flag or input the user can fix; the message is one line and says what to do."""
+
+
+# ValueError: settings the pipeline or a sampler refuses (ConfigError, DeviceError, UsageError and
+# ldm.images.ImageError are ValueErrors too, listed for the reader); OSError: files that cannot be read or written
+USER_ERRORS = (UsageError, CheckpointError, ConfigError, DeviceError, ValueError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line; an OSError as `path: reason` without its errno."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """Call `command` and return its exit code; a user error is printed as `error: <one line>` (exit 2)."""
+    try:
+        return command()
+    except SystemExit as e:  # argparse's --help (and its usage errors, for parsers that do not raise UsageError)
+        return e.code if isinstance(e.code, int) else 0
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        return INTERRUPTED

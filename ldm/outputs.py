@@ -1,0 +1,95 @@
+"""What a txt2img or img2img run writes: numbered sample PNGs as they come and the grid at the end, each
+carrying the A1111 `parameters` text and an `ldm` JSON with all that is needed to make it again.
+
+Its own module, not ldm/images.py: images.py is the file layer (pixels, PNG chunks, numbering) and
+needs no model, and options.py reads init images through it before any weights are loaded; the
+writer needs the loaded model, the run plan and the sampler's name, so it sits above both.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .images import a1111_parameters, make_grid, model_hash, save_png
+from .loading import LatentDiffusion, find_config
+from .options import RunPlan, a1111_sampler_name
+from .pipeline import strength_to_steps
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def run_settings(command: str, args, plan: RunPlan, model: LatentDiffusion) -> dict:
+    """The settings every PNG of a run shares; C and f are the model's, whether or not the flags said them."""
+    config = args.config or find_config(plan.ckpt)
+    vae = model.config.vae
+    settings = {
+        "command": command, "negative_prompt": args.negative_prompt, "seed": args.seed,
+        "n_samples": args.n_samples, "n_iter": args.n_iter, "from_file": args.from_file,
+        "repeat": args.repeat, "sampler": plan.spec.name, "schedule": plan.spec.schedule,
+        "seed_mode": args.seed_mode, "steps": args.ddim_steps, "eta": args.ddim_eta,
+        "scale": args.scale, "H": plan.height, "W": plan.width, "C": vae.embed_dim, "f": vae.downsampling_factor,
+        "ckpt": str(args.ckpt), "model_hash": model_hash(plan.ckpt), "config": None if config is None else str(config),
+        "family": model.family, "device": str(model.placement.device),
+        "dtype": str(model.placement.dtype).replace("torch.", ""), "precision": args.precision,
+        "prediction": model.parameterization, "ema": args.ema, "vae": args.vae,
+        "lowvram": args.lowvram, "attention_slicing": args.attention_slicing, "vae_tiling": args.vae_tiling,
+        "compile": args.compile,
+        "ldm_version": _version("ldm"), "torch_version": torch.__version__,
+    }
+    if plan.init is None:
+        settings["fixed_code"] = args.fixed_code
+    else:
+        settings.update(strength=args.strength, t_enc=strength_to_steps(args.strength, args.ddim_steps),
+                        init_image=str(args.init_img), init_image_sha256=plan.init.sha256)
+    return settings
+
+
+class SampleWriter:
+    """Saves samples as they come and the grid at the end, each with its settings."""
+
+    def __init__(self, command: str, args, plan: RunPlan, model: LatentDiffusion):
+        self.args, self.outdir = args, Path(args.outdir)
+        self.base = run_settings(command, args, plan, model)
+        self.sampler_label = a1111_sampler_name(plan.spec)
+        self.extra = {"Denoising strength": args.strength} if plan.init is not None else {}
+        if args.seed_mode != "original":
+            self.extra["Seed mode"] = args.seed_mode
+        self.images: list[np.ndarray] = []
+        self.samples: list[Path] = []
+        self.grid: Optional[Path] = None
+        self.first_prompt: Optional[str] = None
+
+    def _parameters(self, prompt: str) -> str:
+        b = self.base
+        return a1111_parameters(prompt, b["negative_prompt"], b["steps"], self.sampler_label, b["scale"], b["seed"],
+                                b["W"], b["H"], b["model_hash"], Path(b["ckpt"]).stem, self.extra)
+
+    def add(self, images: np.ndarray, iteration: int, batch: int, prompts: list[str]) -> None:
+        if self.first_prompt is None:
+            self.first_prompt = prompts[0]
+        if not self.args.skip_grid:
+            self.images.extend(images)
+        if self.args.skip_save:
+            return
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            settings = {**self.base, "prompt": prompt, "iteration": iteration, "batch": batch,
+                        "index_in_batch": i, "batch_size": len(prompts)}
+            self.samples.append(save_png(image, self.outdir / "samples", parameters=self._parameters(prompt),
+                                         settings=settings))
+
+    def finish(self, n_rows: int) -> None:
+        if self.args.skip_grid or not self.images:
+            return
+        settings = {**self.base, "prompt": self.first_prompt, "grid": {"images": len(self.images), "n_rows": n_rows}}
+        self.grid = save_png(make_grid(np.stack(self.images), n_rows), self.outdir,
+                             parameters=self._parameters(self.first_prompt), settings=settings,
+                             prefix="grid-", digits=4)

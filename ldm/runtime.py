@@ -1,0 +1,58 @@
+"""The run-time set-up of a command: load the model as the flags ask, with the memory options and
+`--compile`, and check that it agrees with the flags. The commands (ldm/generate.py, ldm/filmstrip.py)
+call `load_for_run`; what they sample and write is theirs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.layers import set_attention_slicing
+from models.prepack import plain_linears, unpack_convolutions
+from models.tiling import enable_vae_tiling
+
+from .device import Placement, configure_backends
+from .loading import LatentDiffusion, load
+from .offload import enable_lowvram
+from .options import RunPlan, check_model
+
+
+def compile_unet(unet: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile for sampling; on the CPU with freezing, so inductor folds the weights in as constants.
+
+    Whether it pays depends on the device, the dtype and the CPU (measured in the README; `tools/bench.py
+    --compile` measures it on yours): on the CPU it can lose to ldm's prepacked eager convolutions.
+    """
+    unpack_convolutions(unet), plain_linears(unet)  # the compiler picks its own kernels; it cannot trace ours
+    return torch.compile(unet, options={"freezing": True} if device.type == "cpu" else None)
+
+
+def load_for_run(args, plan: RunPlan) -> LatentDiffusion:
+    """ldm.load with the memory options, checked against the flags (options.check_model).
+
+    --lowvram loads onto the CPU in the compute dtype and lends each network to the accelerator only
+    while it runs; --attention-slicing and --vae-tiling bound the peaks; --compile compiles the UNet on
+    its first step (the shapes are fixed per run).
+    """
+    placement = plan.placement
+    offload = args.lowvram and placement.device.type != "cpu"
+    where = Placement(torch.device("cpu"), placement.dtype, placement.notes) if offload else placement
+    model = load(plan.ckpt, config=args.config, device=where, ema=args.ema, prediction=args.prediction,
+                 vae=args.vae)
+    check_model(model, args)  # before any option touches the networks: a wrong --f is one line, not a stack
+    if offload:
+        configure_backends(placement)
+        enable_lowvram(model, placement.device)
+    elif args.lowvram:
+        model.notes.append("--lowvram has no effect on the CPU")
+    if args.attention_slicing:
+        set_attention_slicing(model.unet, args.attention_slicing)
+        set_attention_slicing(model.vae, args.attention_slicing)
+    if args.vae_tiling:
+        enable_vae_tiling(model.vae)
+    if args.compile:
+        model.unet = compile_unet(model.unet, placement.device)
+        if placement.device.type == "cpu" and placement.dtype == torch.float32:
+            model.notes.append("--compile in float32 on the CPU was measured slower than without it; it pays in "
+                               "bfloat16, on CPUs that have it (README)")
+    return model
