@@ -555,6 +555,9 @@ def prepare_load_dir(s: Spec, folder: Path) -> None:
 
     (folder / "original.yaml").write_text(yaml.safe_dump(s.original))
     hf_clip_config(s.cfg.text).save_pretrained(folder / "clip")
+    # ldm finds the tower the YAML names (`version:`) from its config.json beside the YAML
+    version = s.original["model"]["params"]["cond_stage_config"]["params"]["version"]
+    hf_clip_config(s.cfg.text).save_pretrained(folder / version)
 
 
 def load_rows(bench: Bench, args, shared: Path, tmp: Path) -> None:
