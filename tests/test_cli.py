@@ -386,3 +386,42 @@ def test_entry_points_run_the_same_code(tmp_path, capsys):
     reference = (tmp_path / "inprocess" / "samples" / "00000.png").read_bytes()
     for name in runs:
         assert (tmp_path / name / "samples" / "00000.png").read_bytes() == reference
+
+
+def test_steps_through_the_module_entry_takes_the_models_factor(tmp_path, capsys):
+    # `python -m ldm steps` on the f = 2 fixture, no --f: the filmstrip is at the asked size and records f = 2
+    capsys.readouterr()
+    argv = ["steps", *model_flags(), "--H", 32, "--W", 48, "--ddim_steps", 2, "--outdir", tmp_path]
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    settings = read_settings(tmp_path / "steps-0000.png")
+    assert (settings["H"], settings["W"], settings["f"], settings["shown_steps"]) == (32, 48, 2, [0, 1])
+    assert pixels(tmp_path / "steps-0000.png").shape == (2 * 34 + 2, 2 * 50 + 2, 3)  # 2 steps x (decoded, preview)
+    code = cli.main([str(a) for a in ["steps", *model_flags(), "--f", 8, *FAST, "--outdir", tmp_path / "bad"]])
+    assert_one_line_error(code, capsys.readouterr().err, "--f 8 does not match the model")
+    assert listing(tmp_path / "bad") == []
+
+
+def test_every_command_reports_user_errors_alike(tmp_path, capsys):
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "missing.safetensors")
+    assert cli.main(["steps", "--every", "0", "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "--every 0: must be at least 1")
+
+
+def test_run_command_exit_codes(capsys):
+    from ldm.errors import INTERRUPTED, USER_ERROR, one_line, run_command
+
+    def raising(e):
+        def command():
+            raise e
+        return command
+
+    assert run_command(lambda: 0) == 0
+    assert run_command(raising(KeyboardInterrupt())) == INTERRUPTED == 130
+    capsys.readouterr()
+    assert run_command(raising(FileNotFoundError(2, "No such file or directory", "/x/y.png"))) == USER_ERROR == 2
+    assert capsys.readouterr().err == "error: /x/y.png: No such file or directory\n"
+    assert one_line(ValueError("two\n   lines")) == "two lines"
+    with pytest.raises(RuntimeError):  # not a user error: a bug keeps its traceback
+        run_command(raising(RuntimeError("bug")))
