@@ -16,7 +16,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-IMAGE_PATTERN = r"(\d+)\.png"
 _CHUNK = 1 << 20
 _hash_cache: dict = {}
 
@@ -54,7 +53,7 @@ def make_grid(images: np.ndarray, n_rows: int, padding: int = 2) -> np.ndarray:
     return grid
 
 
-def next_index(folder: Path, pattern=IMAGE_PATTERN) -> int:
+def next_index(folder: Path, pattern: str) -> int:
     """One past the highest number among the names in `folder` that fully match `pattern` (group 1)."""
     try:
         names = os.listdir(folder)

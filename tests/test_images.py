@@ -112,13 +112,13 @@ def _save(folder, **kw):
 
 
 def test_numbering_continues_after_highest(tmp_path):
-    assert next_index(tmp_path / "missing") == 0
+    assert next_index(tmp_path / "missing", r"(\d+)\.png") == 0
     first = _save(tmp_path / "new" / "samples")
     assert first.name == "00000.png"
     assert _save(first.parent).name == "00001.png"
     for name in ["00003.png", "00010.png", "notes.txt", "grid-0042.png", "abc.png", "00099.jpg", "7.png.bak"]:
         (tmp_path / name).write_bytes(b"x")
-    assert next_index(tmp_path) == 11
+    assert next_index(tmp_path, r"(\d+)\.png") == 11
     assert _save(tmp_path).name == "00011.png"
     assert _save(tmp_path, prefix="grid-", digits=4).name == "grid-0043.png"
     assert _save(tmp_path).name == "00012.png"
@@ -127,7 +127,7 @@ def test_numbering_continues_after_highest(tmp_path):
 def test_never_overwrites_even_if_next_index_lies(tmp_path, monkeypatch):
     (tmp_path / "00000.png").write_bytes(b"precious")
     (tmp_path / "00001.png").write_bytes(b"also precious")
-    monkeypatch.setattr(images, "next_index", lambda folder, pattern=None: 0)
+    monkeypatch.setattr(images, "next_index", lambda folder, pattern: 0)
     assert _save(tmp_path).name == "00002.png"
     assert (tmp_path / "00000.png").read_bytes() == b"precious"
     assert (tmp_path / "00001.png").read_bytes() == b"also precious"
