@@ -110,7 +110,7 @@ def enable_lowvram(model: LatentDiffusion, device: Optional[Device] = None, *, u
     pin = device.type == "cuda" and store.type == "cpu"
     for net in (model.text_encoder, model.unet, model.vae):
         place_now(net)  # the units copy the tensors as they are now
-        unpack_convolutions(net)  # a CPU-only weight layout
+        unpack_convolutions(net)  # every visit brings new tensors: CPU packed copies would be remade each time
     modules = {"text_encoder": model.text_encoder}
     modules.update({f"unet.{k}": m for k, m in _unet_parts(model.unet).items()} if unet_parts
                    else {"unet": model.unet})

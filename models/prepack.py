@@ -2,32 +2,44 @@
 
 oneDNN computes a convolution in a blocked weight layout; `F.conv2d` reorders the plain (O, I, kh, kw)
 weight into it on every call. Where the weight outweighs the activations (the UNet's 1280-channel
-convolutions on 8x8 to 16x16 latents) that reorder costs more than the convolution: a 1280->1280 3x3
-conv on a 2x1280x8x8 input takes 70 ms plain and 28 ms on a weight reordered beforehand (2-core AVX2
-EPYC, float32; at 4x4, 46 ms against 9 ms). Where the activations outweigh the weight (the VAE, the
-UNet's 64x64 level) the prepacked call is no faster and sometimes slower (320->4 on 64x64: 1.6x slower),
-so each convolution decides per input shape: prepacked when weight.numel() >= input.numel().
+convolutions on 8x8 to 16x16 latents) that reorder costs more than the convolution itself; where the
+activations outweigh the weight (the VAE, the UNet's 64x64 level) a prepacked call is no faster and
+sometimes slower. So each convolution decides per input shape: prepacked when weight.numel() >= input.numel().
+(Measured numbers: the README's "Memory and speed".)
 
-The packed weight replaces the plain one (memory stays one copy) and is repacked when the input shape
-changes, as oneDNN picks the blocked layout for a shape. `unpack_convolutions` restores plain weights,
-for a state_dict or a move to another device. Same numbers as F.conv2d up to float32 summation order.
-The packed op has no backward: where an input or a weight wants a gradient, F.conv2d runs instead.
+What a user sees stays the plain network: `conv.weight` is the plain Parameter and the only truth, so
+`state_dict()`, `load_state_dict`, `.to()`, `requires_grad_`, hooks and autograd behave as for nn.Conv2d.
+The reordered copy is a private cache of `PackedConv2d` (not a parameter or buffer), made on the first
+call of an input shape and remade whenever the weight it came from is no longer the one in `conv.weight`
+(another tensor, another dtype or device, or an in-place edit such as a LoRA merge: `_version`). The price
+is memory: a packed convolution holds its weight twice. A copy that replaced the Parameter (one copy)
+made every one of those operations fail until one knew to undo it.
 
-Float32 linear layers go to oneDNN's matmul instead of F.linear's MKL one: on the 2-core AVX2 EPYC the
-UNet's 64x64-level projections ran 1.6-1.8x faster there (8192x1280 @ 1280x320: 52 ms against 94 ms), a
-256x256 CFG step 3.44 s against 3.81 s. bfloat16 F.linear already uses oneDNN. The weights stay plain, so
-only torch.compile needs them undone (`plain_linears`). No backward either: F.linear runs where a gradient
-is wanted.
+The packed op has no backward and the compiler cannot trace it: where an input or a weight wants a
+gradient, under torch.compile, or off the CPU, nn.Conv2d's own forward runs. Same numbers as F.conv2d
+up to float32 summation order.
+
+Float32 linear layers go to oneDNN's matmul instead of F.linear's MKL one, which is slower on the UNet's
+64x64-level projections; bfloat16 F.linear already uses oneDNN. The weights stay plain there (the op
+takes them as they are), so nothing is cached.
+
+Both switch a module's class (`conv.__class__ = PackedConv2d`) rather than its instance's `forward`: the
+layer says what it is in `repr`, deepcopy and pickle work, and undoing it is switching the class back.
 """
 from __future__ import annotations
 
-from types import MethodType
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # PyTorch >= 2.3
 
+
+@lru_cache(maxsize=None)
 def can_prepack(dtype: torch.dtype) -> bool:
     """float32 wherever oneDNN is built in; bfloat16 only where oneDNN has bf16 kernels (AVX-512 BF16,
     AMX): elsewhere its reorder refuses bf16."""
@@ -39,40 +51,60 @@ def can_prepack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def _conv_args(conv: nn.Conv2d) -> tuple:
-    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
-
-
-def _plain(weight: torch.Tensor) -> torch.Tensor:
-    return weight.to_dense() if weight.is_mkldnn else weight
-
-
 def _wants_grad(x: torch.Tensor, layer: nn.Module) -> bool:
     """oneDNN's pointwise ops have no autograd: through them a gradient would silently be lost, for the
     input or for a weight being tuned."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
 
 
-def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    shape = tuple(x.shape)
-    if x.device.type != "cpu" or conv.weight.numel() < x.numel() or _wants_grad(x, conv):
-        if conv.weight.is_mkldnn:  # an earlier, smaller input had it packed
-            plain = nn.Parameter(_plain(conv.weight), requires_grad=conv.weight.requires_grad)
-            conv.weight, conv.packed_for = plain, None
-        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    padding, stride, dilation, groups = _conv_args(conv)
-    try:
-        if conv.packed_for != shape:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(_plain(conv.weight), padding, stride, dilation,
-                                                                  groups, list(shape))
-            conv.weight, conv.packed_for = nn.Parameter(packed, requires_grad=False), shape
-        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, padding, stride, dilation,
-                                                       groups, "none", [], "")
-    except RuntimeError:
-        # A oneDNN build without these kernels (only x86 Linux was tried): F.conv2d from now on, which
-        # also raises the error again if the input itself was wrong.
-        unpack_convolutions(conv)
-        return conv(x)
+def _weight_key(weight: torch.Tensor) -> tuple:
+    """What identifies the values a packed copy was made from. `_version` counts in-place edits; the
+    address, with the source kept alive by the cache (so no new tensor can take it), tells tensors apart."""
+    return weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape, weight.stride()
+
+
+@dataclass(frozen=True)
+class _Packed:
+    shape: tuple  # the input shape oneDNN chose the blocked layout for
+    key: tuple  # _weight_key of the source
+    source: torch.Tensor  # the plain weight it was made from (a view of its memory, no copy)
+    weight: torch.Tensor  # the oneDNN blocked copy
+
+
+class PackedConv2d(nn.Conv2d):
+    """nn.Conv2d whose CPU inference calls reuse a oneDNN-reordered copy of the weight (see the module
+    docstring). Made by `prepack_convolutions`; everything else is nn.Conv2d's."""
+
+    _packed: Optional[_Packed] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (_compiling() or x.device.type != "cpu" or x.dtype != w.dtype or w.layout != torch.strided
+                or w.numel() < x.numel() or not can_prepack(x.dtype) or _wants_grad(x, self)):
+            return self._conv_forward(x, w, self.bias)
+        padding, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
+        try:
+            packed, shape = self._packed, tuple(x.shape)
+            if packed is None or packed.shape != shape or packed.key != _weight_key(w):
+                self._packed = None  # the stale copy goes before the new one is made
+                blocked = torch.ops.mkldnn._reorder_convolution_weight(w.detach(), padding, stride, dilation,
+                                                                       self.groups, list(shape))
+                packed = self._packed = _Packed(shape, _weight_key(w), w.detach(), blocked)
+            return torch.ops.mkldnn._convolution_pointwise(x, packed.weight, self.bias, padding, stride, dilation,
+                                                           self.groups, "none", [], "")
+        except RuntimeError:
+            # A oneDNN build without these kernels (only x86 Linux was tried): F.conv2d from now on, which
+            # also raises the error again if the input itself was wrong.
+            unpack_convolutions(self)
+            return self._conv_forward(x, w, self.bias)
+
+    def _apply(self, *args, **kwargs):
+        self._packed = None  # .to(), .float(), .cpu(), ...: the weight is replaced, the copy would only hold memory
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self):
+        # deepcopy and pickle: a oneDNN tensor has no storage to copy, and the copy's weight is another anyway
+        return {k: v for k, v in super().__getstate__().items() if k != "_packed"}
 
 
 def _convolutions(module: nn.Module) -> list:
@@ -80,51 +112,52 @@ def _convolutions(module: nn.Module) -> list:
 
 
 def prepack_convolutions(module: nn.Module) -> int:
-    """Make every zero-padded nn.Conv2d in `module` (inference only) reorder its weight on the first call
-    of each input shape rather than on every call. Returns how many convolutions were switched."""
+    """Make every zero-padded nn.Conv2d in `module` a PackedConv2d: on the CPU in inference it reorders its
+    weight on the first call of each input shape rather than on every call. Returns how many were switched."""
     convs = _convolutions(module)
     for conv in convs:
-        conv.packed_for = None
-        conv.forward = MethodType(_forward, conv)
+        conv.__class__ = PackedConv2d
     return len(convs)
 
 
 def unpack_convolutions(module: nn.Module) -> int:
-    """Undo `prepack_convolutions`: plain weights and nn.Conv2d's own forward again."""
-    convs = [m for m in _convolutions(module) if "forward" in vars(m)]
+    """Undo `prepack_convolutions`: plain nn.Conv2d again, the cached copies freed (the weights never
+    changed). Not needed for state_dict, .to() or training; only to compare or to save the memory."""
+    convs = [m for m in module.modules() if type(m) is PackedConv2d]
     for conv in convs:
-        conv.weight = nn.Parameter(_plain(conv.weight), requires_grad=False)
-        del conv.forward, conv.packed_for
+        conv.__class__ = nn.Conv2d
+        vars(conv).pop("_packed", None)
     return len(convs)
 
 
-_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # PyTorch >= 2.3
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose float32 CPU inference calls run on oneDNN's matmul, on the plain weight. Made by
+    `onednn_linears`; everything else is nn.Linear's."""
 
-
-def _linear_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    bias = linear.bias
-    if (x.device.type == "cpu" and x.dtype == linear.weight.dtype == torch.float32 and not _wants_grad(x, linear)
-            and (bias is None or bias.is_contiguous())  # the op reads the bias as if it were
-            and not _compiling()):  # the compiler picks its own kernels (plain_linears undoes it all)
-        try:
-            return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
-        except RuntimeError:  # a oneDNN build without the kernel: F.linear from now on
-            del linear.forward
-    return F.linear(x, linear.weight, linear.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and not _wants_grad(x, self)
+                and (bias is None or bias.is_contiguous())  # the op reads the bias as if it were
+                and not _compiling()):  # the compiler picks its own kernels
+            try:
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+            except RuntimeError:  # a oneDNN build without the kernel: F.linear from now on
+                self.__class__ = nn.Linear
+        return F.linear(x, self.weight, bias)
 
 
 def onednn_linears(module: nn.Module) -> int:
-    """Make every nn.Linear in `module` compute float32 CPU inputs with oneDNN's matmul (other devices and
-    dtypes, and calls that need a gradient, go to F.linear as before). Returns how many were switched."""
+    """Make every nn.Linear in `module` a OneDNNLinear: float32 CPU inputs go to oneDNN's matmul (other
+    devices and dtypes, and calls that need a gradient, to F.linear as before). Returns how many."""
     linears = [m for m in module.modules() if type(m) is nn.Linear]
     for linear in linears:
-        linear.forward = MethodType(_linear_forward, linear)
+        linear.__class__ = OneDNNLinear
     return len(linears)
 
 
 def plain_linears(module: nn.Module) -> int:
-    """Undo `onednn_linears`: nn.Linear's own forward again (before torch.compile, or to compare)."""
-    linears = [m for m in module.modules() if type(m) is nn.Linear and "forward" in vars(m)]
+    """Undo `onednn_linears`: plain nn.Linear again (to compare; torch.compile needs it no more)."""
+    linears = [m for m in module.modules() if type(m) is OneDNNLinear]
     for linear in linears:
-        del linear.forward
+        linear.__class__ = nn.Linear
     return len(linears)

@@ -1,5 +1,6 @@
 """models/prepack.py: prepacked CPU convolutions compute what F.conv2d computes and undo cleanly; oneDNN
-linear layers compute what F.linear computes; neither loses a gradient."""
+linear layers compute what F.linear computes; neither loses a gradient. (What the user sees of them, the
+plain weights: test_plain_weights.py.)"""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +9,8 @@ from torch import nn
 import ldm
 from conftest import FIXTURES, fixture_config, fixture_tensors, load_fixture_part
 from ldm.pipeline import txt2img
-from models.prepack import (can_prepack, onednn_linears, plain_linears, prepack_convolutions,
-                            unpack_convolutions)
+from models.prepack import (OneDNNLinear, PackedConv2d, can_prepack, onednn_linears, plain_linears,
+                            prepack_convolutions, unpack_convolutions)
 from models.unet import UNetModel
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch has no oneDNN (mkldnn)")
@@ -21,29 +22,45 @@ def _conv(cin, cout, k=3, stride=1, padding=1, seed=0):
     return conv, conv.weight.detach().clone(), conv.bias.detach().clone()
 
 
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """The input shapes oneDNN's packed convolution was called with."""
+    calls, real = [], torch.ops.mkldnn._convolution_pointwise
+
+    def spy(x, *args):
+        calls.append(tuple(x.shape))
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", spy)
+    return calls
+
+
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 2, 0)])
-def test_conv_equals_plain_on_both_sides_of_the_rule(k, stride, padding):
+def test_conv_equals_plain_on_both_sides_of_the_rule(packed_calls, k, stride, padding):
     conv, w, b = _conv(64, 48, k, stride, padding)
-    assert prepack_convolutions(conv) == 1
+    assert prepack_convolutions(conv) == 1 and type(conv) is PackedConv2d
     small, large = torch.randn(2, 64, 3, 5), torch.randn(1, 64, 40, 24)  # weight outweighs / is outweighed
     for x, packed in [(small, True), (large, False), (small, True), (small[:1], True)]:
+        n = len(packed_calls)
         with torch.no_grad():
             out = conv(x)
         expected = F.conv2d(x, w, b, stride, padding)
         assert out.shape == expected.shape
         assert (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
-        assert conv.weight.is_mkldnn == packed
-    assert conv.packed_for == (1, 64, 3, 5)  # repacked for the new shape
+        assert len(packed_calls) - n == packed
+    assert conv._packed.shape == (1, 64, 3, 5)  # repacked for the new shape
+    assert torch.equal(conv.weight, w) and not conv.weight.is_mkldnn
 
 
-def test_unpack_restores_the_exact_weights_and_plain_forward():
+def test_unpack_restores_plain_conv2d_and_frees_the_copy():
     conv, w, b = _conv(32, 32)
+    weight = conv.weight
     prepack_convolutions(conv)
     with torch.no_grad():
         conv(torch.randn(1, 32, 4, 4))
-    assert conv.weight.is_mkldnn
+    assert conv._packed is not None and conv._packed.weight.is_mkldnn
     assert unpack_convolutions(conv) == 1
-    assert not conv.weight.is_mkldnn and "forward" not in vars(conv) and not hasattr(conv, "packed_for")
+    assert type(conv) is nn.Conv2d and "_packed" not in vars(conv) and conv.weight is weight
     assert torch.equal(conv.weight, w) and torch.equal(conv.bias, b)
     assert type(conv.weight) is nn.Parameter and not conv.weight.requires_grad
     assert unpack_convolutions(conv) == 0
@@ -60,13 +77,13 @@ def test_a_onednn_without_the_kernels_falls_back_to_plain_convolution(monkeypatc
     with torch.no_grad():
         out = conv(x)
     assert torch.equal(out, F.conv2d(x, w, b, 1, 1))
-    assert "forward" not in vars(conv) and not conv.weight.is_mkldnn and torch.equal(conv.weight, w)
+    assert type(conv) is nn.Conv2d and torch.equal(conv.weight, w)
     with pytest.raises(RuntimeError):  # a genuinely wrong input still fails, as nn.Conv2d's own error
         prepack_convolutions(conv)
         conv(torch.randn(1, 5, 3, 3))
 
 
-def test_gradients_flow_through_prepacked_convolutions_as_through_plain_ones():
+def test_gradients_flow_through_prepacked_convolutions_as_through_plain_ones(packed_calls):
     """oneDNN's packed convolution has no backward; an input that wants a gradient takes F.conv2d."""
     conv, w, b = _conv(64, 48)
     prepack_convolutions(conv)
@@ -74,9 +91,10 @@ def test_gradients_flow_through_prepacked_convolutions_as_through_plain_ones():
     conv(x).square().sum().backward()
     expected = torch.autograd.grad(F.conv2d(x, w, b, 1, 1).square().sum(), x)[0]
     assert x.grad is not None and (x.grad - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert packed_calls == []
     with torch.no_grad():
         conv(x)
-    assert conv.weight.is_mkldnn  # packed again once no gradient is wanted
+    assert packed_calls == [(1, 64, 3, 3)]  # packed again once no gradient is wanted
 
 
 def _linear(cin, cout, bias=True, seed=0):
@@ -95,7 +113,7 @@ def test_onednn_linear_equals_f_linear_and_keeps_gradients(monkeypatch, bias):
         return real(*args)
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
-    assert onednn_linears(linear) == 1
+    assert onednn_linears(linear) == 1 and type(linear) is OneDNNLinear
     x = torch.randn(2, 96, 7).transpose(1, 2)  # (2, 7, 96), strided as the UNet's flattened pixels
     with torch.no_grad():
         out = linear(x)
@@ -109,7 +127,7 @@ def test_onednn_linear_equals_f_linear_and_keeps_gradients(monkeypatch, bias):
     assert len(calls) == 1 and half.dtype == torch.bfloat16  # only float32 is routed
 
 
-def test_tuned_weights_and_strided_biases_take_f_linear(monkeypatch):
+def test_tuned_weights_and_strided_biases_take_f_linear(packed_calls):
     """A weight being tuned (LoRA-style) keeps its gradient, through linears and packed convolutions; a
     bias with odd strides (as a .ckpt can store it) is not handed to oneDNN, which would misread it."""
     linear, conv = _linear(16, 8), _conv(16, 16)[0]
@@ -118,14 +136,15 @@ def test_tuned_weights_and_strided_biases_take_f_linear(monkeypatch):
     linear(torch.randn(3, 16)).sum().backward()
     conv(torch.randn(1, 16, 2, 2)).sum().backward()  # small: the packed side of the rule
     assert linear.weight.grad is not None and conv.weight.grad is not None
+    assert packed_calls == []
     packed = _conv(16, 16, seed=2)[0]
     prepack_convolutions(packed)
     with torch.no_grad():
         packed(torch.randn(1, 16, 2, 2))
-    assert packed.weight.is_mkldnn
+    assert packed_calls == [(1, 16, 2, 2)]
     packed.weight.requires_grad_(True)  # tuning starts after an inference call packed the weight
     packed(torch.randn(1, 16, 2, 2)).sum().backward()
-    assert packed.weight.requires_grad and packed.weight.grad is not None
+    assert packed.weight.requires_grad and packed.weight.grad is not None and len(packed_calls) == 1
     strided = _linear(16, 8, seed=1)
     strided.bias = nn.Parameter(torch.randn(8, 2)[:, 0], requires_grad=False)
     onednn_linears(strided)
@@ -140,7 +159,7 @@ def test_compile_unet_hands_the_compiler_plain_layers():
     unet = UNetModel(fixture_config("sd1_tiny").unet).eval().requires_grad_(False)
     prepack_convolutions(unet), onednn_linears(unet)
     compile_unet(unet, torch.device("cpu"))  # compiles lazily, on the first call: not called here
-    assert not any("forward" in vars(m) for m in unet.modules() if type(m) in (nn.Conv2d, nn.Linear))
+    assert not any(type(m) in (PackedConv2d, OneDNNLinear) for m in unet.modules())
 
 
 def test_a_onednn_without_the_linear_kernel_falls_back_to_f_linear(monkeypatch):
@@ -153,7 +172,7 @@ def test_a_onednn_without_the_linear_kernel_falls_back_to_f_linear(monkeypatch):
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
-    assert "forward" not in vars(linear)
+    assert type(linear) is nn.Linear
 
 
 def test_only_the_dtypes_onednn_packs():
@@ -172,12 +191,12 @@ def test_unet_prepacked_matches_the_original_and_the_plain_path():
         plain = unet(f["x"], f["t"], f["context"])
         n = prepack_convolutions(unet)
         packed = unet(f["x"], f["t"], f["context"])
-    kinds = [m.weight.is_mkldnn for m in unet.modules() if isinstance(m, nn.Conv2d)]
+    kinds = [m._packed is not None for m in unet.modules() if isinstance(m, nn.Conv2d)]
     assert n == len(kinds) and any(kinds), "the tiny UNet should exercise the packed path"
     assert (packed - plain).abs().max().item() <= 1e-5
     assert (packed - f["out"]).abs().max().item() <= 1e-4  # the original implementation's output
-    unpack_convolutions(unet)
     assert all(torch.equal(v, plain_state[k]) for k, v in unet.state_dict().items())
+    assert unpack_convolutions(unet) == n
 
 
 def test_load_on_cpu_prepacks_and_pipeline_output_is_unchanged():
@@ -185,9 +204,9 @@ def test_load_on_cpu_prepacks_and_pipeline_output_is_unchanged():
     path, yaml = FIXTURES[name] / f"{name}.safetensors", FIXTURES[name] / f"{name}.yaml"
     model = ldm.load(path, config=yaml, device="cpu")
     convs = [m for m in model.unet.modules() if isinstance(m, nn.Conv2d)]
-    assert all("forward" in vars(m) for m in convs)
-    linears = [m for net in (model.unet, model.text_encoder) for m in net.modules() if type(m) is nn.Linear]
-    assert linears and all("forward" in vars(m) for m in linears)
+    assert all(type(m) is PackedConv2d for m in convs)
+    linears = [m for net in (model.unet, model.text_encoder) for m in net.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is OneDNNLinear for m in linears)
     images = [txt2img(model, "a bird", steps=4, seed=1, height=64, width=64)[0] for _ in range(2)]
     unpack_convolutions(model.unet), unpack_convolutions(model.vae)
     assert plain_linears(model.unet) + plain_linears(model.text_encoder) == len(linears)

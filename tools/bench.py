@@ -197,10 +197,10 @@ def ldm_networks(s: Spec, state: dict) -> dict:
 
 def place_ldm(module, device: torch.device, dtype: torch.dtype, args) -> None:
     """Move an ldm network as ldm.load leaves it: on a CPU, convolutions reorder their weights once per
-    input shape and float32 linear layers run on oneDNN (models/prepack.py), unless --no-prepack."""
-    from models.prepack import can_prepack, onednn_linears, plain_linears, prepack_convolutions, unpack_convolutions
+    input shape and float32 linear layers run on oneDNN (models/prepack.py), unless --no-prepack. The
+    switched layers keep plain weights, so .to() needs nothing undone."""
+    from models.prepack import can_prepack, onednn_linears, prepack_convolutions
 
-    unpack_convolutions(module), plain_linears(module)
     module.to(device, dtype)
     if device.type == "cpu" and can_prepack(dtype) and not args.no_prepack:
         prepack_convolutions(module), onednn_linears(module)
