@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import UNetConfig
@@ -114,18 +115,18 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x, context):
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         y = self.norm(x)
         if not self.use_linear:
             y = self.proj_in(y)
-        y = y.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        y = rearrange(y, "b c h w -> b (h w) c")
         if self.use_linear:
             y = self.proj_in(y)
         for block in self.transformer_blocks:
             y = block(y, context)
         if self.use_linear:
             y = self.proj_out(y)
-        y = y.transpose(1, 2).reshape(b, -1, h, w)
+        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
         if not self.use_linear:
             y = self.proj_out(y)
         return x + y

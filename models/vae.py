@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from models.config import VAEConfig
@@ -53,10 +54,10 @@ class AttnBlock(nn.Module):
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         y = self.norm(x)
-        q, k, v = (m(y).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, hw, C)
-        out = attention(q, k, v, heads=1, slices=self.attention_slices).transpose(1, 2).reshape(b, c, h, w)
+        q, k, v = (rearrange(m(y), "b c h w -> b (h w) c") for m in (self.q, self.k, self.v))
+        out = rearrange(attention(q, k, v, heads=1, slices=self.attention_slices), "b (h w) c -> b c h w", h=h, w=w)
         return self.proj_out(out).add_(x)
 
 
