@@ -82,7 +82,8 @@ class DDIMSchedule:
 
 
 def ddim_schedule(alphas_cumprod: torch.Tensor, num_steps: int) -> DDIMSchedule:
-    """`make_ddim_sampling_parameters` of the original (its ᾱ), on the float32 ᾱ buffer."""
+    """The ᾱ half of the original's `make_ddim_sampling_parameters`, on the float32 ᾱ buffer (the σ(η)
+    half is `ddim_sigmas`: η is the sampler's option, not the schedule's)."""
     ac = alphas_cumprod.detach().to("cpu", torch.float32)
     ts = ddim_timesteps(num_steps, len(ac))
     return DDIMSchedule(ts, ac[ts], torch.cat([ac[:1], ac[ts[:-1]]]))
