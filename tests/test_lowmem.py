@@ -351,10 +351,10 @@ def test_compile_on_the_cpu_gives_the_same_image(tmp_path):
 def test_compile_in_float32_on_the_cpu_says_it_was_measured_slower(tmp_path, capsys, monkeypatch):
     """The compiler itself is stood in for (the slow test above runs it); what is checked is the note."""
     from conftest import FIXTURES
-    from ldm import generate
+    from ldm import generate, runtime
 
     compiled = []
-    monkeypatch.setattr(generate, "compile_unet", lambda unet, device: compiled.append(device) or unet)
+    monkeypatch.setattr(runtime, "compile_unet", lambda unet, device: compiled.append(device) or unet)
     base = ["--prompt", "a red apple", "--ckpt", str(FIXTURES["sd1_tiny"] / "sd1_tiny.ckpt"), "--H", "64", "--W",
             "64", "--f", "2", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--compile"]
     assert generate.main("txt2img", base + ["--outdir", str(tmp_path / "a")]) == 0
