@@ -11,7 +11,9 @@ What a user sees stays the plain network: `conv.weight` is the plain Parameter a
 `state_dict()`, `load_state_dict`, `.to()`, `requires_grad_`, hooks and autograd behave as for nn.Conv2d.
 The reordered copy is a private cache of `PackedConv2d` (not a parameter or buffer), made on the first
 call of an input shape and remade whenever the weight it came from is no longer the one in `conv.weight`
-(another tensor, another dtype or device, or an in-place edit such as a LoRA merge: `_version`). The price
+(another tensor, another dtype or device, or an in-place edit such as a LoRA merge: `_version`). A write
+that bypasses autograd's version counter (`weight.data.add_(...)`, as peft's merge does; a numpy view) is
+not seen: edit the Parameter itself under torch.no_grad(), or `unpack_convolutions` first. The price
 is memory: a packed convolution holds its weight twice. A copy that replaced the Parameter (one copy)
 made every one of those operations fail until one knew to undo it.
 
