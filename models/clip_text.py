@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from models.layers import embedding
@@ -56,11 +57,10 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        q, k, v = (p(x).reshape(b, t, self.heads, w // self.heads).transpose(1, 2)  # (B, h, T, d)
+        q, k, v = (rearrange(p(x), "b t (h d) -> b h t d", h=self.heads)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, w))
+        return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
 class CLIPMLP(nn.Module):

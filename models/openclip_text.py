@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from models.clip_text import activation
@@ -44,12 +45,10 @@ class FusedAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = (y.reshape(b, t, self.heads, w // self.heads).transpose(1, 2)  # (B, h, T, d)
-                   for y in qkv.chunk(3, dim=-1))
+        q, k, v = (rearrange(y, "b t (h d) -> b h t d", h=self.heads) for y in qkv.chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, w))
+        return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
 class MLP(nn.Module):
