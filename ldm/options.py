@@ -140,7 +140,8 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     a("--ema", action="store_true", help="use the EMA weights of the UNet (full training checkpoints)")
     a("--vae", default=None, help="a separate VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
     a("--lowvram", action="store_true",
-      help="keep the networks on the CPU and move each (the UNet block by block) to the GPU only while it runs")
+      help="keep the networks on the CPU and move each (the UNet block by block) to the GPU only while it runs; "
+           "on a CPU-only run, skip the convolutions' reordered weight copies (less memory, slower)")
     a("--attention-slicing", "--attention_slicing", dest="attention_slicing", type=int, default=0,
       help="compute attention in N slices of queries: less memory on CPU/MPS (CUDA's kernels need none)")
     a("--compile", action="store_true",

@@ -312,7 +312,7 @@ def test_lowvram_whole_unet_and_failed_calls_leave_the_weights_home():
 
 
 def test_memory_flags_on_the_command_line_give_the_same_image(tmp_path):
-    """--attention-slicing and --lowvram (a no-op on the CPU, with a note) leave the image as it is;
+    """--attention-slicing and --lowvram (on the CPU: no packed weight copies) leave the image as it is;
     --vae-tiling only starts tiling past one tile (512 px), so a small image is untouched too."""
     import numpy as np
     from PIL import Image
@@ -329,6 +329,25 @@ def test_memory_flags_on_the_command_line_give_the_same_image(tmp_path):
         assert generate.main("txt2img", base + ["--outdir", str(tmp_path / name), *flags]) == 0
         images.append(np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")).astype(int))
     assert np.abs(images[1] - images[0]).max() <= 1 and np.abs(images[2] - images[0]).max() <= 1
+
+
+def test_lowvram_on_the_cpu_keeps_no_packed_weight_copies(tmp_path):
+    """On a CPU-only run --lowvram trades the packed convolutions' second weight copy for speed: the networks
+    come back as plain nn.Conv2d, and the run says so."""
+    from ldm.options import build_parser, validate
+    from ldm.runtime import load_for_run
+    from models.prepack import PackedConv2d
+
+    ckpt = str(FIXTURES["sd1_tiny"] / "sd1_tiny.ckpt")
+    packed = {}
+    for flags in ([], ["--lowvram"]):
+        args = build_parser("txt2img").parse_args(["--ckpt", ckpt, "--H", "64", "--W", "64", "--device", "cpu",
+                                                  "--dtype", "float32", *flags])
+        model = load_for_run(args, validate("txt2img", args))
+        packed[bool(flags)] = sum(type(m) is PackedConv2d for net in (model.unet, model.vae) for m in net.modules())
+        if flags:
+            assert any("--lowvram on the CPU" in note for note in model.notes)
+    assert packed[False] > 0 and packed[True] == 0
 
 
 @pytest.mark.slow  # about two minutes of compiling on a 2-core CPU
