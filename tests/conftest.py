@@ -5,6 +5,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 SHARED = Path(os.environ.get("LDM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -85,3 +86,16 @@ def diffusers_vae_twin(ours):
     theirs = DiffusersVAE(**dconfig).eval()
     theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, dconfig), strict=True)
     return theirs
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """The input shapes oneDNN's packed convolution was called with."""
+    calls, real = [], torch.ops.mkldnn._convolution_pointwise
+
+    def spy(x, *args):
+        calls.append(tuple(x.shape))
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", spy)
+    return calls

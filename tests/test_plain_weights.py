@@ -24,19 +24,6 @@ SIZES = (8, 16)
 
 
 @pytest.fixture
-def packed_calls(monkeypatch):
-    """The input shapes oneDNN's packed convolution was called with."""
-    calls, real = [], torch.ops.mkldnn._convolution_pointwise
-
-    def spy(x, *args):
-        calls.append(tuple(x.shape))
-        return real(x, *args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", spy)
-    return calls
-
-
-@pytest.fixture
 def model():
     model = ldm.load(PATH, config=YAML, device="cpu")
     assert model.placement.dtype == torch.float32

@@ -22,19 +22,6 @@ def _conv(cin, cout, k=3, stride=1, padding=1, seed=0):
     return conv, conv.weight.detach().clone(), conv.bias.detach().clone()
 
 
-@pytest.fixture
-def packed_calls(monkeypatch):
-    """The input shapes oneDNN's packed convolution was called with."""
-    calls, real = [], torch.ops.mkldnn._convolution_pointwise
-
-    def spy(x, *args):
-        calls.append(tuple(x.shape))
-        return real(x, *args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", spy)
-    return calls
-
-
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 2, 0)])
 def test_conv_equals_plain_on_both_sides_of_the_rule(packed_calls, k, stride, padding):
     conv, w, b = _conv(64, 48, k, stride, padding)
