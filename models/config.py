@@ -65,8 +65,6 @@ class VAEConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """One latent diffusion model: its three networks plus the diffusion settings around them."""
