@@ -12,7 +12,8 @@ They solve the diffusion ODE in λ = -log σ with the data prediction x̂0 = D(x
     DPM++ SDE   the same singlestep pair, each half made stochastic as an ancestral step
                 (σ_down/σ_up of both sub-steps) with noise from one Brownian path, and x̂0 mixed as
                 Alg. 1 for a general r: (1 - 1/(2r)) x̂0 + 1/(2r) x̂0_s. Two calls per step.
-All end with an Euler step to σ = 0 (`euler_to_zero`: x_next = x̂0 of the last call).
+2S a and SDE end with an Euler step to σ = 0 (`euler_to_zero`, x̂0 of the last call up to rounding); 2M's
+first-order step lands on that x̂0 exactly, as in k-diffusion.
 """
 from __future__ import annotations
 
@@ -38,9 +39,7 @@ def dpmpp_2m_steps(denoise: SigmaDenoise, x: torch.Tensor, sigmas: torch.Tensor,
     for i in range(n):
         sigma, sigma_next = sig[i], sig[i + 1]
         eps, x0 = denoise(x, sigma)
-        if sigma_next == 0:
-            x_next = euler_to_zero(x, sigma, x0)
-        elif x0_prev is None:
+        if x0_prev is None or sigma_next == 0:   # first order: the first step, and the last one (lands on x̂0)
             x_next = dpm_solver_1(x, sigma, sigma_next, x0)
         else:
             r = (lam(sigma) - lam(sigma_prev)) / (lam(sigma_next) - lam(sigma))

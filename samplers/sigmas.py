@@ -132,10 +132,11 @@ def lam(sigma: float) -> float:
 
 def dpm_solver_1(x: torch.Tensor, sigma: float, sigma_to: float, denoised: torch.Tensor) -> torch.Tensor:
     """First-order DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", sec. 4, h = λ_to - λ): x moved from σ to σ_to
-    holding x̂0 fixed, (σ_to/σ) x - (e^{-h} - 1) x̂0. It equals DDIM (η = 0) and the Euler step in σ; at
-    σ_to = 0 (h = ∞: the last step, or an ancestral step with η > 1 aiming at σ_down = 0) it is `euler_to_zero`."""
+    holding x̂0 fixed, (σ_to/σ) x - (e^{-h} - 1) x̂0. It equals DDIM (η = 0) and the Euler step in σ. At
+    σ_to = 0 (h = ∞: DPM++ 2M's last step, or an ancestral step with η > 1 aiming at σ_down = 0) the formula's
+    limit is x̂0 itself, which is returned exactly, as k-diffusion's form gives it (0 · x + 1 · x̂0)."""
     if sigma_to == 0:
-        return euler_to_zero(x, sigma, denoised)
+        return denoised
     return (sigma_to / sigma) * x - math.expm1(lam(sigma) - lam(sigma_to)) * denoised
 
 

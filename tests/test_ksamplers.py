@@ -338,6 +338,22 @@ def test_oracle_denoiser_lands_on_x0(name, kw, schedule):
     assert _max_diff(steps[-1].x_next, x0) <= 1e-5
 
 
+@pytest.mark.parametrize("schedule", ["discrete", "karras"])
+def test_dpmpp_2m_last_step_is_its_x0_exactly(schedule):
+    """k-diffusion's DPM++ 2M takes its last step with the first-order formula, whose limit at σ = 0 is
+    0 · x + 1 · x̂0: the final latent is the last x̂0 itself, not an Euler step that equals it up to rounding."""
+    mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) * 0.3
+
+    def denoise(x, sigma):
+        x0 = torch.tanh(torch.einsum("ij,bjhw->bihw", mix, x) / (1 + sigma))
+        return (x - x0) / sigma, x0
+
+    sigmas = get_sigmas(AC, 6, schedule)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0].item()
+    steps = list(dpmpp_2m_steps(denoise, x, sigmas))
+    assert torch.equal(steps[-1].x_next, steps[-1].pred_x0)
+
+
 @pytest.mark.parametrize("fn", [euler_steps, heun_steps, dpm2_steps])
 def test_churn_raises_sigma_as_karras_alg2(fn):
     """Alg. 2 lines 4-7: inside [S_tmin, S_tmax] the denoiser sees σ̂ = σ (1 + min(S_churn/N, √2 - 1)) at
