@@ -11,11 +11,12 @@ What a user sees stays the plain network: `conv.weight` is the plain Parameter a
 `state_dict()`, `load_state_dict`, `.to()`, `requires_grad_`, hooks and autograd behave as for nn.Conv2d.
 The reordered copy is a private cache of `PackedConv2d` (not a parameter or buffer), made on the first
 call of an input shape and remade whenever the weight it came from is no longer the one in `conv.weight`
-(another tensor, another dtype or device, or an in-place edit such as a LoRA merge: `_version`). A write
-that bypasses autograd's version counter (`weight.data.add_(...)`, as peft's merge does; a numpy view) is
-not seen: edit the Parameter itself under torch.no_grad(), or `unpack_convolutions` first. The price
-is memory: a packed convolution holds its weight twice. A copy that replaced the Parameter (one copy)
-made every one of those operations fail until one knew to undo it.
+(another tensor, another dtype or device, or an in-place edit such as a LoRA merge: `_version`). Writes
+through `.data` bypass autograd's version counter, and peft's LoRA merge writes that way
+(`weight.data += delta`), so a packed convolution's weight is a `WatchedWeight`: an nn.Parameter whose `.data`,
+handed out or set, counts as an edit. Only a write through memory torch does not see (a numpy view of the
+weight) goes unnoticed. The price is memory: a packed convolution holds its weight twice. A copy that
+replaced the Parameter (one copy) made every one of those operations fail until one knew to undo it.
 
 The packed op has no backward and the compiler cannot trace it: where an input or a weight wants a
 gradient, under torch.compile, or off the CPU, nn.Conv2d's own forward runs. Same numbers as F.conv2d
@@ -59,6 +60,36 @@ def _wants_grad(x: torch.Tensor, layer: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
 
 
+_increment_version = getattr(torch.autograd.graph, "increment_version", None) or torch._C._increment_version
+_TENSOR_DATA = torch._C.TensorBase.data  # the `.data` property every tensor has
+
+
+class WatchedWeight(nn.Parameter):
+    """The weight of a PackedConv2d: an nn.Parameter in every way but one. Handing out `.data` (or setting it)
+    bumps the version counter, as an in-place op on the Parameter would, because what is done to that tensor
+    (`weight.data += delta`, peft's LoRA merge) changes these values without autograd seeing it. A read
+    through `.data` costs the next packed call one reorder; nothing else changes."""
+
+    @property
+    def data(self) -> torch.Tensor:
+        _increment_version(self)
+        return _TENSOR_DATA.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        _TENSOR_DATA.__set__(self, value)
+        _increment_version(self)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + repr(self.detach())
+
+
+def _watch(weight: torch.Tensor) -> None:
+    """Make a conv's Parameter a WatchedWeight in place (the same object: optimizers and hooks keep it)."""
+    if type(weight) is nn.Parameter:
+        weight.__class__ = WatchedWeight
+
+
 def _weight_key(weight: torch.Tensor) -> tuple:
     """What identifies the values a packed copy was made from. `_version` counts in-place edits; the
     address, with the source kept alive by the cache (so no new tensor can take it), tells tensors apart."""
@@ -89,6 +120,7 @@ class PackedConv2d(nn.Conv2d):
             packed, shape = self._packed, tuple(x.shape)
             if packed is None or packed.shape != shape or packed.key != _weight_key(w):
                 self._packed = None  # the stale copy goes before the new one is made
+                _watch(w)  # also a Parameter assigned since
                 blocked = torch.ops.mkldnn._reorder_convolution_weight(w.detach(), padding, stride, dilation,
                                                                        self.groups, list(shape))
                 packed = self._packed = _Packed(shape, _weight_key(w), w.detach(), blocked)
@@ -119,6 +151,7 @@ def prepack_convolutions(module: nn.Module) -> int:
     convs = _convolutions(module)
     for conv in convs:
         conv.__class__ = PackedConv2d
+        _watch(conv.weight)
     return len(convs)
 
 
@@ -129,6 +162,8 @@ def unpack_convolutions(module: nn.Module) -> int:
     for conv in convs:
         conv.__class__ = nn.Conv2d
         vars(conv).pop("_packed", None)
+        if type(conv.weight) is WatchedWeight:
+            conv.weight.__class__ = nn.Parameter
     return len(convs)
 
 

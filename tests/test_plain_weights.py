@@ -48,7 +48,9 @@ def _assert_plain_and_the_files(net: nn.Module, file: dict) -> None:
         assert v.layout == torch.strided and not v.is_mkldnn, k
         assert v.dtype == file[k].dtype and torch.equal(v, file[k]), k
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(type(m.weight) is nn.Parameter and m.weight.layout == torch.strided for m in convs)
+    # a Parameter (a packed conv's is a WatchedWeight, which only adds a version bump to `.data`), strided
+    assert convs and all(isinstance(m.weight, nn.Parameter) and m.weight.layout == torch.strided for m in convs)
+    assert all(type(v) is torch.Tensor for v in state.values())
 
 
 def test_state_dict_after_packed_calls_is_the_files_tensors(model, packed_calls):
@@ -115,6 +117,21 @@ def test_an_in_place_edit_of_a_packed_weight_changes_the_next_output(model):
     with torch.no_grad():
         conv.weight.copy_(original)  # and unmerged: the same memory, the old values
     _step(model, rec, original, original + 1)
+
+
+def test_a_merge_through_data_changes_the_next_output(model):
+    """peft merges and unmerges LoRA through `.data` (`weight.data += delta`), which autograd's version counter
+    never sees: the packed copy must be remade all the same."""
+    conv = model.unet.output_blocks[0][0].in_layers[2]
+    rec, original = _Recorder(conv), conv.weight.detach().clone()
+    _step(model, rec, original, torch.zeros_like(original))
+    delta = 0.05 * torch.randn(original.shape, generator=torch.Generator().manual_seed(3))
+    conv.weight.data += delta  # peft's merge
+    _step(model, rec, original + delta, original)
+    conv.weight.data.sub_(delta)  # its unmerge
+    _step(model, rec, original, original + delta)
+    conv.weight.data = original + 2 * delta  # its safe_merge
+    _step(model, rec, original + 2 * delta, original)
 
 
 def _lora_on(conv: nn.Conv2d, rank: int = 2, seed: int = 0):
