@@ -12,6 +12,7 @@ from models.config import ConfigError
 from weights import CheckpointError
 
 from .device import DeviceError
+from .images import ImageError
 
 USER_ERROR = 2    # a flag, an input file or a checkpoint the user can fix
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -21,9 +22,9 @@ class UsageError(ValueError):
     """A flag or input the user can fix; the message is one line and says what to do."""
 
 
-# ValueError: settings the pipeline or a sampler refuses (ConfigError, DeviceError, UsageError and
-# ldm.images.ImageError are ValueErrors too, listed for the reader); OSError: files that cannot be read or written
-USER_ERRORS = (UsageError, CheckpointError, ConfigError, DeviceError, ValueError, OSError)
+# The project's own errors for what a user can fix, and OSError for files that cannot be read or written.
+# Not every ValueError: a bug that raises one keeps its traceback instead of passing for a user's mistake.
+USER_ERRORS = (UsageError, CheckpointError, ConfigError, DeviceError, ImageError, OSError)
 
 
 def one_line(e: BaseException) -> str:

@@ -425,3 +425,7 @@ def test_run_command_exit_codes(capsys):
     assert one_line(ValueError("two\n   lines")) == "two lines"
     with pytest.raises(RuntimeError):  # not a user error: a bug keeps its traceback
         run_command(raising(RuntimeError("bug")))
+    with pytest.raises(ValueError):  # nor does a bare ValueError (`a, b = (1, 2, 3)`), only the project's own
+        run_command(raising(ValueError("too many values to unpack (expected 2)")))
+    from ldm.images import ImageError
+    assert run_command(raising(ImageError("x.png: not an image"))) == USER_ERROR
