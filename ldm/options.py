@@ -214,9 +214,12 @@ def validate(command: str, args) -> RunPlan:
     for flag in ("n_samples", "n_iter", "repeat", "C", "f"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if not img:  # without --f, 8 (SD's VAE); a model with a factor that does not divide 8 is checked after loading
-        _check_size(args, args.f or 8, f"the factor --f {args.f} asks for" if args.f else
-                    "8: the factor of SD's VAE; for a VAE with another, pass its --f")
+    if not img and args.f is not None:  # without --f the model's own factor decides, after loading (check_model)
+        _check_size(args, args.f, f"the factor --f {args.f} asks for")
+    elif not img:
+        for flag in ("H", "W"):
+            if getattr(args, flag) < 1:
+                raise UsageError(f"--{flag} {getattr(args, flag)}: must be a size in pixels, at least 1")
     if args.ddim_steps < 1 or args.ddim_steps > 1000:
         raise UsageError(f"--ddim_steps {args.ddim_steps}: must be in 1..1000")
     try:

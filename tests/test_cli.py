@@ -241,8 +241,9 @@ def test_img2img_plms_and_resized_input(tmp_path, capsys, init_png):
 # ---- user errors: one line, exit code 2, checked before any weights are read ---------------------------
 
 BAD_FLAGS = [
-    ("txt2img", ["--H", "500"], "--H 500 is not a multiple of 8; use 496 or 504"),
-    ("txt2img", ["--W", "4"], "--W 4 is not a multiple of 8; use 8"),
+    ("txt2img", ["--f", "8", "--H", "500"], "--H 500 is not a multiple of 8; use 496 or 504"),
+    ("txt2img", ["--f", "8", "--W", "4"], "--W 4 is not a multiple of 8; use 8"),
+    ("txt2img", ["--W", "0"], "--W 0: must be a size in pixels"),
     ("txt2img", ["--ddim_steps", "0"], "--ddim_steps 0"),
     ("txt2img", ["--ddim_steps", "3"], "--ddim_steps 3"),  # uniform spacing would reach t = 1000
     ("txt2img", ["--ddim_steps", "ten"], "invalid int value"),
@@ -323,9 +324,13 @@ def test_flags_that_match_the_model_may_be_given(tmp_path, capsys):
 
 
 def test_size_is_checked_against_the_factor_in_use(tmp_path, capsys):
-    # without --f, 8 (SD's factor) before loading, and the message says how to ask for another
-    code, _, err = run(capsys, "txt2img", model_flags() + FAST + ["--H", 36, "--outdir", tmp_path])
-    assert_one_line_error(code, err, "--H 36 is not a multiple of 8; use 32 or 40", "pass its --f")
+    # without --f, the model's own factor (2 here) after loading: 36 is whole latent pixels, 35 is not
+    code, _, err = run(capsys, "txt2img", model_flags() + FAST + ["--H", 35, "--outdir", tmp_path])
+    assert_one_line_error(code, err, "--H 35 is not a multiple of 2; use 34 or 36", "this model's VAE downsamples by 2")
+    code, _, err = run(capsys, "txt2img", model_flags() + FAST + ["--H", 36, "--n_samples", 1, "--n_iter", 1,
+                                                                  "--outdir", tmp_path / "no_f"])
+    assert code == 0, err
+    assert pixels(tmp_path / "no_f" / "grid-0000.png").shape == (36, 32, 3)
     # an explicit --f is the multiple instead: 36 is whole latent pixels at f = 2, 35 is not
     code, _, err = run(capsys, "txt2img", model_flags() + FAST + ["--f", 2, "--H", 35, "--outdir", tmp_path])
     assert_one_line_error(code, err, "--H 35 is not a multiple of 2; use 34 or 36", "--f 2")
@@ -336,7 +341,7 @@ def test_size_is_checked_against_the_factor_in_use(tmp_path, capsys):
 
 
 def test_a_factor_that_does_not_divide_8_is_checked_after_loading():
-    # a stand-in for a model whose VAE downsamples by 16 (no such fixture): 8 passed before loading, 16 is checked now
+    # a stand-in for a model whose VAE downsamples by 16 (no such fixture): checked once it is loaded
     model = SimpleNamespace(family="sd1", config=SimpleNamespace(vae=SimpleNamespace(downsampling_factor=16,
                                                                                      embed_dim=4)))
     args = generate.build_parser("txt2img").parse_args(["--H", "520", "--W", "512"])
