@@ -136,6 +136,8 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
     placement = device if isinstance(device, Placement) else resolve(device, dtype)
     notes = list(placement.notes)
     configure_backends(placement)
+    if prediction not in (None, "eps", "v"):  # before a 4 GB read
+        raise ConfigError(f"prediction must be eps or v, got {prediction!r}")
     state = _read(path)
     family, cfg = resolve_config(path, state, config, prediction, notes)
     unet, autoencoder, text, vae_path = build(path, state, family, cfg, ema, vae, notes)
@@ -160,8 +162,6 @@ def _read(path: Path) -> dict:
 def resolve_config(path: Path, state: dict, config, prediction: Optional[str], notes: list) -> tuple[str, ModelConfig]:
     """Stage 2: the family the tensors show, and the config to build it with: the one given, the YAML beside
     the checkpoint, or the family's preset; `prediction` overrides its parameterization."""
-    if prediction not in (None, "eps", "v"):
-        raise ConfigError(f"prediction must be eps or v, got {prediction!r}")
     if config is None and (beside := find_config(path)) is not None:
         config, _ = beside, notes.append(f"using the config beside the checkpoint: {beside.name}")
     family = detect_family({k: tuple(v.shape) for k, v in state.items()}, source=path)

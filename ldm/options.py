@@ -27,11 +27,6 @@ DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 GET_A_CHECKPOINT = ("download an official checkpoint (e.g. v1-5-pruned-emaonly.safetensors from "
                     "huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5) and pass it with --ckpt")
 SEED_MODES = ("original", "per-sample")
-
-
-def a1111_sampler_name(spec: SamplerSpec) -> str:
-    """As A1111 writes it in its infotext: the record's label plus " Karras" / " Exponential"."""
-    return spec.a1111_name
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
 # Flags of the original scripts (CompVis and Stability-AI) that have no counterpart here.
 UNSUPPORTED = {

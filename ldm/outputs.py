@@ -16,7 +16,7 @@ import torch
 
 from .images import a1111_parameters, make_grid, model_hash, save_png
 from .loading import LatentDiffusion, find_config
-from .options import RunPlan, a1111_sampler_name
+from .options import RunPlan
 from .pipeline import strength_to_steps
 
 
@@ -59,7 +59,7 @@ class SampleWriter:
     def __init__(self, command: str, args, plan: RunPlan, model: LatentDiffusion):
         self.args, self.outdir = args, Path(args.outdir)
         self.base = run_settings(command, args, plan, model)
-        self.sampler_label = a1111_sampler_name(plan.spec)
+        self.sampler_label = plan.spec.a1111_name  # as A1111's infotext writes it
         self.extra = {"Denoising strength": args.strength} if plan.init is not None else {}
         if args.seed_mode != "original":
             self.extra["Seed mode"] = args.seed_mode

@@ -3,8 +3,9 @@
 A record says which network (module and config class) a config's `cond_stage_config` target builds, under
 which component of the checkpoint its weights sit (weights.components.PREFIXES), how the variants of its
 state dict in circulation are normalised, and how the tower a config names is found. A new kind of text
-encoder is one record here and one module beside this file; the tokenizer follows its config (pad token,
-context length).
+encoder is one record here and one module beside this file, plus, on the checkpoint side (weights knows no
+model class), its key prefix in weights/components.py's PREFIXES and, if it starts a generation of models,
+a `Generation` in weights/families.py. The tokenizer follows its config (pad token, context length).
 
 Towers are found from files, the way the original code finds them, never from a table of names:
 - FrozenCLIPEmbedder `version: X`: `CLIPTextModel.from_pretrained(X)` reads `X/config.json`, so a folder X
