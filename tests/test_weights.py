@@ -267,6 +267,52 @@ def test_numpy_scalars_and_arrays_load(tmp_path, numpy_module):
 # ---------------------------------------------------------------- pickles: what must be refused
 
 
+class _NumpyForgery:
+    """What numpy's pickle of `scalar(dtype, bytes)` becomes when a file forges the dtype: `code` and the
+    BUILD `state` of the dtype are the file's. A void dtype given an object field by its state, with
+    numpy's own unpickling, is a pointer the file chooses (the segfault of issue 11)."""
+
+    def __init__(self, code, state, data=b"\x00" * 8):
+        self.code, self.state, self.data = code, state, data
+
+    def __reduce__(self):
+        dtype = type("D", (), {"__reduce__": lambda _: (np.dtype, (self.code, False, True), self.state)})()
+        return np.int64(0).__reduce__()[0], (dtype, self.data)
+
+
+_PLAIN_STATE = (3, "<", None, None, None, -1, -1, 0)
+_FIELDS_STATE = (3, "|", None, ("f0",), {"f0": (np.dtype("u8"), 0)}, 8, 1, 0x3F)
+
+
+@pytest.mark.parametrize("code,state,data,why", [
+    ("V8", _FIELDS_STATE, b"\x00" * 8, "not a plain number type"),  # the void dtype the attack needs
+    ("O", _PLAIN_STATE, b"\x00" * 8, "not a plain number type"),  # an object scalar: a pointer
+    ("u8", _FIELDS_STATE, b"\x00" * 8, "fields or sub-arrays"),  # a plain code given fields by BUILD
+    ("i8", _PLAIN_STATE, b"\x00" * 4, "needs 8 bytes"),  # too few bytes for its dtype
+])
+def test_forged_numpy_values_are_refused_in_a_clean_process(tmp_path, code, state, data, why):
+    """Run in a child process: were numpy handed the forged state, a crash must fail this test, not the run."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "forged.ckpt"
+    torch.save({"state_dict": _sd_small(), "global_step": _NumpyForgery(code, state, data)}, path)
+    child = ("import sys; from weights import CheckpointError, read_checkpoint\n"
+             "try:\n    read_checkpoint(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refusing" in done.stdout and why in done.stdout and len(done.stdout.strip().splitlines()) == 1
+
+
+def test_plain_numpy_scalar_states_keep_their_byte_order(tmp_path):
+    path = tmp_path / "big.ckpt"
+    big = (3, ">", None, None, None, -1, -1, 0)
+    torch.save({"state_dict": _sd_small(), "v": _NumpyForgery("i4", big, (7).to_bytes(4, "big"))}, path)
+    assert load_torch_file(path)["v"] == 7
+
+
+
 class _System:
     def __init__(self, marker):
         self.marker = marker

@@ -9,7 +9,8 @@ file and the interpreter:
    can name each global the file uses and refuse the first one outside the allow-list before
    anything real is built;
 2. the load itself is `torch.load(weights_only=True)` (torch's own restricted unpickler), with
-   numpy names and do-nothing stand-ins for training-only classes registered for the duration.
+   do-nothing stand-ins for training-only classes and the numpy stand-ins of weights/numpy_values.py
+   (numpy values rebuilt from plain ones, never by numpy's own unpickling) registered for the duration.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from weights.errors import CheckpointError
+from weights.numpy_values import numpy_globals
 
 # Training-only objects a Lightning checkpoint carries next to the weights (ModelCheckpoint
 # callback state, hyper-parameter namespaces). Inference never reads them, so each becomes a stub.
@@ -58,35 +60,8 @@ def _torch_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def _numpy_globals() -> dict[str, Any]:
-    """numpy scalars, dtypes and arrays (Lightning's `global_step` is often a numpy int) under both
-    the numpy 1 (`numpy.core`) and numpy 2 (`numpy._core`) module names, since files made with
-    either are in circulation."""
-    try:
-        import numpy as np
-    except ImportError:
-        return {}
-    try:
-        from numpy._core import multiarray
-    except ImportError:
-        from numpy.core import multiarray
-    out: dict[str, Any] = {"numpy.dtype": np.dtype, "numpy.ndarray": np.ndarray}
-    for core in ("numpy.core", "numpy._core"):
-        out[f"{core}.multiarray.scalar"] = multiarray.scalar
-        out[f"{core}.multiarray._reconstruct"] = multiarray._reconstruct
-    # Never named by a file, but torch only BUILDs instances of registered types, and a dtype
-    # instance's type is one of these classes.
-    for code in np.typecodes["All"]:
-        try:
-            cls = type(np.dtype(code))
-        except TypeError:
-            continue
-        out[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    return out
-
-
 TORCH_GLOBALS = _torch_names()
-NUMPY_GLOBALS = _numpy_globals()
+NUMPY_GLOBALS = numpy_globals()  # stand-ins that rebuild numpy values from plain ones
 
 
 def is_inert(name: str) -> bool:
