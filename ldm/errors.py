@@ -5,7 +5,9 @@ of failure look the same everywhere. Nothing here imports a command: the command
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Callable
 
 from models.config import ConfigError
@@ -36,8 +38,15 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a `kill`, a job scheduler) ends the run as Ctrl-C does: files cleaned up
+
+
 def run_command(command: Callable[[], int]) -> int:
-    """Call `command` and return its exit code; a user error is printed as `error: <one line>` (exit 2)."""
+    """Call `command` and return its exit code; a user error is printed as `error: <one line>` (exit 2).
+    While it runs, SIGTERM is taken as Ctrl-C (exit 130), so no half-written output stays behind."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         return command()
     except SystemExit as e:  # argparse's --help (and its usage errors, for parsers that do not raise UsageError)
@@ -47,3 +56,6 @@ def run_command(command: Callable[[], int]) -> int:
         return USER_ERROR
     except KeyboardInterrupt:
         return INTERRUPTED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

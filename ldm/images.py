@@ -64,24 +64,42 @@ def next_index(folder: Path, pattern: str) -> int:
 
 
 def _write_numbered(folder: Path, prefix: str, digits: int, ext: str, write) -> Path:
-    """Create `folder/<prefix><number>.<ext>` exclusively, numbered on from what is there; never overwrites."""
+    """Write `folder/<prefix><number>.<ext>`, numbered on from what is there; never overwrites.
+
+    The bytes go to a hidden temporary file in the same folder first, which is then linked to its number:
+    a run killed mid-write (SIGKILL, a full disk) leaves no half image under an image's name, and `os.link`
+    fails rather than replace a name another process took meanwhile, so the numbering stays collision-free."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    n = next_index(folder, re.escape(prefix) + r"(\d+)\." + ext)
-    while True:
-        path = folder / f"{prefix}{n:0{digits}d}.{ext}"
-        try:
-            f = open(path, "xb")  # exclusive creation: another process may have taken the number meanwhile
-        except FileExistsError:
-            n += 1
-            continue
-        try:
-            with f:
-                write(f)
-        except BaseException:
-            path.unlink(missing_ok=True)  # a half-written file would hold the number and look like an image
-            raise
-        return path
+    tmp = folder / f".{prefix}{os.getpid()}-{os.urandom(4).hex()}.{ext}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before a name points at it
+        n = next_index(folder, re.escape(prefix) + r"(\d+)\." + ext)
+        while True:
+            path = folder / f"{prefix}{n:0{digits}d}.{ext}"
+            try:
+                _link_new(tmp, path)
+                return path
+            except FileExistsError:
+                n += 1
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_new(src: Path, dst: Path) -> None:
+    """Give `src`'s file the new name `dst`, FileExistsError if it is taken. A hard link is atomic and never
+    replaces; where the filesystem has none (FAT, some network shares), a rename after a check."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        if dst.exists():
+            raise FileExistsError(dst) from None
+        os.rename(src, dst)
 
 
 def _png_info(parameters: str, settings: dict) -> PngInfo:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -195,6 +196,10 @@ def validate(command: str, args) -> RunPlan:
         for flag, message in IMG2IMG_UNSUPPORTED.items():
             if getattr(args, flag) not in (None, False):
                 raise UsageError(message)
+    for flag in ("scale", "ddim_eta", "strength"):  # argparse takes "nan" and "inf" as floats: a black image
+        value = getattr(args, flag, None)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{flag} {value}: must be a finite number")
     try:
         spec = resolve_sampler(args.sampler or ("plms" if args.plms else "ddim"), args.schedule)
     except ValueError as e:

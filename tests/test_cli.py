@@ -244,6 +244,9 @@ BAD_FLAGS = [
     ("txt2img", ["--f", "8", "--H", "500"], "--H 500 is not a multiple of 8; use 496 or 504"),
     ("txt2img", ["--f", "8", "--W", "4"], "--W 4 is not a multiple of 8; use 8"),
     ("txt2img", ["--W", "0"], "--W 0: must be a size in pixels"),
+    ("txt2img", ["--scale", "nan"], "--scale nan: must be a finite number"),
+    ("txt2img", ["--ddim_eta", "inf"], "--ddim_eta inf: must be a finite number"),
+    ("img2img", ["--init-img", "{init}", "--strength", "nan"], "--strength nan: must be a finite number"),
     ("txt2img", ["--ddim_steps", "0"], "--ddim_steps 0"),
     ("txt2img", ["--ddim_steps", "3"], "--ddim_steps 3"),  # uniform spacing would reach t = 1000
     ("txt2img", ["--ddim_steps", "ten"], "invalid int value"),

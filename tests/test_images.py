@@ -278,3 +278,61 @@ def test_load_image_errors(tmp_path):
         message = str(info.value)
         print(message)
         assert isinstance(info.value, ValueError) and name in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- interrupted writes
+
+def test_a_failed_write_leaves_no_file_at_all(tmp_path):
+    def half_then_fail(f):
+        f.write(b"\x89PNG\r\n\x1a\n")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        images._write_numbered(tmp_path, "", 5, "png", half_then_fail)
+    assert list(tmp_path.iterdir()) == []  # neither 00000.png nor the temporary file
+
+
+def test_sigkill_during_a_save_leaves_no_broken_png(tmp_path):
+    """A child saves large PNGs in a loop and is killed mid-write: every PNG under an image's name decodes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("import sys, numpy as np; from ldm.images import save_png\n"
+             "image = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)\n"
+             "print('ready', flush=True)\n"
+             "while True:\n    save_png(image, sys.argv[1], parameters='p', settings={})\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while not any(p.suffix == ".tmp" for p in tmp_path.iterdir()):  # kill it while a file is being written
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    for png in tmp_path.glob("*.png"):
+        with Image.open(png) as im:
+            im.load()  # raises on a truncated file
+    assert not any(p.name.endswith(".png") and p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_sigterm_ends_a_command_as_ctrl_c():
+    import os
+    import signal
+    import time
+
+    from ldm.errors import INTERRUPTED, run_command
+
+    def command():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_command(command) == INTERRUPTED
+    assert signal.getsignal(signal.SIGTERM) == before
