@@ -15,6 +15,7 @@ from weights import CheckpointError
 
 from .device import DeviceError
 from .images import ImageError
+from .pipeline import NonFiniteError
 
 USER_ERROR = 2    # a flag, an input file or a checkpoint the user can fix
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -26,7 +27,7 @@ class UsageError(ValueError):
 
 # The project's own errors for what a user can fix, and OSError for files that cannot be read or written.
 # Not every ValueError: a bug that raises one keeps its traceback instead of passing for a user's mistake.
-USER_ERRORS = (UsageError, CheckpointError, ConfigError, DeviceError, ImageError, OSError)
+USER_ERRORS = (UsageError, CheckpointError, ConfigError, DeviceError, ImageError, NonFiniteError, OSError)
 
 
 def one_line(e: BaseException) -> str:

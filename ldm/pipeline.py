@@ -16,6 +16,7 @@ the same whether it is made alone or in a batch.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Optional, Union
 
@@ -29,6 +30,19 @@ from samplers.spaces import denoiser_for, start_for
 from .loading import LatentDiffusion
 
 Prompts = Union[str, list[str]]
+_HALVES = (torch.float16, torch.bfloat16)
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf where an image is being made; the message says where it first appeared and what to try."""
+
+
+def check_finite(t: torch.Tensor, where: str, hint: str) -> torch.Tensor:
+    """`t` itself, or NonFiniteError naming `where`: a NaN spreads through every later step and ends as a
+    black PNG, so it is caught where it appears."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{where} holds NaN or Inf values; {hint}")
+    return t
 
 
 def _batch(prompt: Prompts, n: int) -> list[str]:
@@ -41,14 +55,26 @@ def _batch(prompt: Prompts, n: int) -> list[str]:
 @torch.no_grad()
 def encode_text(model: LatentDiffusion, prompts: list[str]) -> torch.Tensor:
     tokens = model.tokenizer(prompts).to(model.placement.device)
-    return model.text_encoder(tokens)
+    return check_finite(model.text_encoder(tokens), "the text encoder's output",
+                        "the checkpoint's text-encoder weights are damaged (python -m ldm inspect shows the file)")
 
 
 @torch.no_grad()
 def decode(model: LatentDiffusion, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1], float32."""
-    z = (latents / model.scale_factor).to(model.placement.device, model.placement.dtype)
-    return model.vae.decode(z).float()
+    """Scaled latents -> images in [-1, 1], float32.
+
+    A VAE in float16/bfloat16 whose activations overflow (SD 2.x's can) decodes NaN: it is switched to
+    float32 for the rest of the run, with a warning, and the latents decoded again."""
+    check_finite(latents, "the sampled latents", "the UNet's weights are damaged, or the settings diverge")
+    dtype = model.vae.post_quant_conv.weight.dtype
+    image = model.vae.decode((latents / model.scale_factor).to(model.placement.device, dtype)).float()
+    if dtype in _HALVES and not bool(torch.isfinite(image).all()):
+        note = f"the VAE overflowed in {str(dtype).replace('torch.', '')}; decoding in float32 from now on"
+        warnings.warn(note, stacklevel=2)
+        model.notes.append(note)
+        model.vae.float()
+        return decode(model, latents)
+    return check_finite(image, "the VAE's decoded image", "the checkpoint's VAE weights are damaged")
 
 
 SEED_MODES = ("original", "per-sample")
@@ -107,7 +133,16 @@ def txt2img_steps(model: LatentDiffusion, prompt: Prompts, *, negative_prompt: P
     if x_T is None:
         x_T = randn(latent_shape(model, n_samples, height, width), generator)
     x, schedule = start_for(spec, x_T.to(model.placement.device), model.alphas_cumprod, steps)
-    yield from spec.fn(denoise, x, schedule, generator=generator, **options)
+    yield from _checked(spec.fn(denoise, x, schedule, generator=generator, **options))
+
+
+def _checked(steps: Iterator[Step]) -> Iterator[Step]:
+    """The sampler's steps, each one's prediction checked before it is handed on: the first NaN is named by
+    its step, not found later as a black image."""
+    for step in steps:
+        check_finite(step.pred_x0, f"step {step.index + 1} of {step.total}'s prediction",
+                     "the UNet's weights are damaged, or the settings diverge (a very large --scale?)")
+        yield step
 
 
 def strength_to_steps(strength: float, steps: int) -> int:
@@ -133,7 +168,7 @@ def img2img_steps(model: LatentDiffusion, init_latent: torch.Tensor, prompt: Pro
     denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale)
     x0 = init_latent.to(model.placement.device)
     x, schedule = start_for(spec, noise_like(x0, generator), model.alphas_cumprod, steps, x0=x0, t_start=t_enc)
-    yield from spec.fn(denoise, x, schedule, generator=generator, **options)
+    yield from _checked(spec.fn(denoise, x, schedule, generator=generator, **options))
 
 
 def txt2img(model: LatentDiffusion, prompt: Prompts, *, seed: int = 42, n_iter: int = 1,

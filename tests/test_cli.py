@@ -437,3 +437,20 @@ def test_run_command_exit_codes(capsys):
         run_command(raising(ValueError("too many values to unpack (expected 2)")))
     from ldm.images import ImageError
     assert run_command(raising(ImageError("x.png: not an image"))) == USER_ERROR
+
+
+def test_a_nan_weight_is_one_line_that_names_the_step_and_writes_nothing(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(_file("sd1_tiny", "safetensors"))
+    key = "model.diffusion_model.out.2.weight"  # the UNet's last convolution: every prediction
+    state[key][0, 0, 0, 0] = float("nan")
+    save_file(state, tmp_path / "damaged.safetensors")
+    flags = ["--ckpt", tmp_path / "damaged.safetensors", "--config", _file("sd1_tiny", "yaml"), "--device", "cpu"]
+    for command in ("txt2img", "steps"):
+        capsys.readouterr()
+        argv = [str(a) for a in flags + FAST + ["--outdir", tmp_path / command]]
+        code = generate.main(command, argv) if command == "txt2img" else cli.main(["steps", *argv])
+        _, err = capsys.readouterr()
+        assert_one_line_error(code, err, "step 1 of", "NaN or Inf", "UNet's weights")
+        assert not (tmp_path / command).exists() or not any((tmp_path / command).rglob("*.png"))

@@ -116,3 +116,33 @@ def test_steps_can_be_watched_stopped_and_steered():
     first = next(steps)
     first.x_next = torch.zeros_like(first.x_next)
     assert torch.equal(next(steps).x, first.x_next)
+
+
+def test_a_nan_in_the_text_encoder_is_named_before_any_step():
+    from ldm.pipeline import NonFiniteError
+
+    model = _model("sd1_tiny")
+    with torch.no_grad():
+        model.text_encoder.text_model.final_layer_norm.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="text encoder's output holds NaN"):
+        next(txt2img_steps(model, "a red apple", height=32, width=32, steps=2))
+
+
+def test_a_half_vae_that_overflows_is_decoded_again_in_float32(monkeypatch):
+    """SD 2.x's VAE can overflow in float16: the decode is redone in float32, the VAE stays float32, and
+    the run says so. The overflow is stood in for (this CPU has no float16 convolutions)."""
+    model = _model("sd1_tiny")
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    model.vae.to(torch.bfloat16)
+    real = type(model.vae).decode
+
+    def overflowing(vae, z):
+        out = real(vae, z)
+        return torch.full_like(out, float("inf")) if z.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(type(model.vae), "decode", overflowing)
+    with pytest.warns(UserWarning, match="VAE overflowed in bfloat16; decoding in float32"):
+        image = decode(model, latents)
+    assert model.vae.post_quant_conv.weight.dtype == torch.float32 and any("overflowed" in n for n in model.notes)
+    with torch.no_grad():  # the float32 decode of the same (bf16-rounded) weights
+        assert torch.equal(image, real(model.vae, latents / model.scale_factor).float())
