@@ -164,6 +164,8 @@ def _open(path: Path, what: str) -> Image.Image:
         raise ImageError(f"{path}: no such file; check the path of the {what}") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a folder; give the path of an image file as the {what}") from None
+    except Image.DecompressionBombError as e:  # PIL's own limit, from the header alone
+        raise ImageError(f"{path}: {e}; resize it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ImageError(f"{path}: cannot be read as an image ({type(e).__name__}); give a PNG or JPEG file "
                          f"as the {what}") from None
@@ -188,6 +190,9 @@ def read_settings(png_path) -> dict:
     return json.loads(_png_text(png_path, "ldm"))
 
 
+MAX_INIT_PIXELS = 4096 * 4096  # a 4096x4096 image is a 512x512 latent: 64 times SD 1.x's native area
+
+
 def load_image(path, *, multiple: int = 32) -> tuple[torch.Tensor, str | None]:
     """An img2img input as (1, 3, H, W) float32 in [-1, 1], H and W cut down to multiples of `multiple`.
 
@@ -195,6 +200,10 @@ def load_image(path, *, multiple: int = 32) -> tuple[torch.Tensor, str | None]:
     """
     path = Path(path)
     with _open(path, "init image") as im:
+        w, h = im.size  # from the header: refuse before gigabytes of pixels are decoded
+        if w * h > MAX_INIT_PIXELS:
+            raise ImageError(f"{path}: is {w}x{h}; an init image may have at most {MAX_INIT_PIXELS:,} pixels "
+                             "(4096x4096), resize it first")
         try:
             image = im.convert("RGB")
         except OSError as e:  # truncated or corrupt data shows up only when the pixels are decoded

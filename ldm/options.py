@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import tempfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -160,6 +161,11 @@ def _nearest_multiples(value: int, m: int) -> str:
 def _read_prompts(args) -> list[list[str]]:
     """Batches of prompts, as the original: one batch of n_samples copies, or the file's lines in chunks."""
     if not args.from_file:
+        for text, flag in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
+            try:
+                text.encode("utf-8")  # bytes that are not UTF-8 reach argv as lone surrogates
+            except UnicodeEncodeError:
+                raise UsageError(f"{flag}: is not valid UTF-8 text; pass it in UTF-8 (or use --from-file)") from None
         return [args.n_samples * [args.prompt]]
     path = Path(args.from_file)
     try:
@@ -263,6 +269,12 @@ def validate(command: str, args) -> RunPlan:
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
         raise UsageError(f"{outdir}: is a file; --outdir takes a folder")
+    try:  # made now, as the original scripts do, and tried: not found unwritable after minutes of sampling
+        outdir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=outdir).close()
+    except OSError as e:
+        raise UsageError(f"{outdir}: cannot be written here ({e.strerror or type(e).__name__}); pass another "
+                         "--outdir") from None
     height, width = (args.H, args.W) if init is None else init.image.shape[2:]
     return RunPlan(spec, data, init, height, width, placement, ckpt)
 

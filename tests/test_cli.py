@@ -245,6 +245,7 @@ BAD_FLAGS = [
     ("txt2img", ["--f", "8", "--W", "4"], "--W 4 is not a multiple of 8; use 8"),
     ("txt2img", ["--W", "0"], "--W 0: must be a size in pixels"),
     ("txt2img", ["--scale", "nan"], "--scale nan: must be a finite number"),
+    ("txt2img", ["--prompt", "caf\udce9"], "--prompt: is not valid UTF-8 text"),  # b"caf\xe9" in a UTF-8 argv
     ("txt2img", ["--ddim_eta", "inf"], "--ddim_eta inf: must be a finite number"),
     ("img2img", ["--init-img", "{init}", "--strength", "nan"], "--strength nan: must be a finite number"),
     ("txt2img", ["--ddim_steps", "0"], "--ddim_steps 0"),
@@ -454,3 +455,11 @@ def test_a_nan_weight_is_one_line_that_names_the_step_and_writes_nothing(tmp_pat
         _, err = capsys.readouterr()
         assert_one_line_error(code, err, "step 1 of", "NaN or Inf", "UNet's weights")
         assert not (tmp_path / command).exists() or not any((tmp_path / command).rglob("*.png"))
+
+
+def test_an_unwritable_outdir_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    argv = model_flags() + FAST + ["--outdir", tmp_path / "file" / "sub"]  # under a file: no folder can be made
+    code, out, err = run(capsys, "txt2img", argv)
+    assert_one_line_error(code, err, "cannot be written here", "pass another --outdir")
+    assert "Loading model" not in out

@@ -336,3 +336,14 @@ def test_sigterm_ends_a_command_as_ctrl_c():
     before = signal.getsignal(signal.SIGTERM)
     assert run_command(command) == INTERRUPTED
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_init_image_too_large_is_refused_from_its_header(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(path)
+    monkeypatch.setattr(images, "MAX_INIT_PIXELS", 300 * 200 - 1)  # a real 4096x4096+ file is 50 MB of test data
+    with pytest.raises(images.ImageError, match="is 300x200; an init image may have at most"):
+        images.load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's bomb check: twice that raises at open
+    with pytest.raises(images.ImageError, match="resize it first"):
+        images.load_image(path)
