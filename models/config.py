@@ -187,7 +187,9 @@ def from_yaml(path: Union[str, Path]) -> ModelConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a YAML text file (not UTF-8); pass the original config (.yaml)") from None
     return from_yaml_dict(doc, path.parent)

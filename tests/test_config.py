@@ -168,3 +168,12 @@ def test_each_family_is_recognised_by_the_rule_of_its_name():
         assert gen.text == text_encoder(family.preset.text).component
         assert gen.context_width == unet.context_dim == family.preset.text.width
         assert gen.proj_in_rank == (2 if unet.use_linear_in_transformer else 4)
+
+
+def test_a_binary_file_as_config_is_one_config_error(tmp_path):
+    from models.config import ConfigError, from_yaml
+
+    path = tmp_path / "garbage.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a YAML text file"):
+        from_yaml(path)

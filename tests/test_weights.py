@@ -566,3 +566,31 @@ def test_unrecognised_files_are_named(tmp_path):
         with pytest.raises(CheckpointError) as e:
             detect_family(shapes, source=source)
         assert_one_line_naming(e, source, words)
+
+
+@pytest.mark.parametrize("name", ["sd1_tiny.ckpt", "sd1_tiny.safetensors"])
+def test_mutated_checkpoints_read_or_fail_with_one_error_type(tmp_path, name):
+    """A seeded fuzz over both formats: bytes changed at the start (headers, the pickle), at the end (a
+    zip's central directory: its file names once escaped as UnicodeDecodeError), and cut files. Each
+    mutant is read or refused with a CheckpointError that names the file; no other exception leaves."""
+    from conftest import FIXTURES
+
+    data = (FIXTURES["sd1_tiny"] / name).read_bytes()
+    rng = np.random.default_rng(1234)
+    head, tail = (0, min(len(data), 4096)), (max(0, len(data) - 4096), len(data))
+    refused = 0
+    for i in range(120):
+        mutant = bytearray(data)
+        if i % 3 == 2:
+            mutant = mutant[:int(rng.integers(0, len(data)))]
+        else:
+            for at in rng.integers(*(head if i % 3 == 0 else tail), size=int(rng.integers(1, 6))):
+                mutant[at] = int(rng.integers(0, 256))
+        path = tmp_path / f"m{i}{Path(name).suffix}"
+        path.write_bytes(bytes(mutant))
+        try:
+            read_checkpoint(path)
+        except CheckpointError as e:
+            assert path.name in str(e) and "\n" not in str(e)
+            refused += 1
+    assert refused > 0

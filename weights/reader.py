@@ -10,6 +10,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,38 +189,46 @@ def _kind(path: str) -> str:
     raise _not_a_checkpoint(path)
 
 
-def _unreadable(path: str, e: OSError) -> CheckpointError:
-    return CheckpointError(f"cannot be read ({e.strerror or e}); check its permissions and the disk", path)
+@contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Every failure while reading a file is a CheckpointError that names it: a mutated or truncated file
+    can fail anywhere in zip, pickle, JSON or tensor code (struct.error, zlib.error, RecursionError, ...),
+    and nothing but the one error type may leave the reader. Memory exhaustion and Ctrl-C pass through."""
+    try:
+        yield
+    except (CheckpointError, MemoryError):
+        raise
+    except OSError as e:
+        if e.errno is None:  # zip and gzip code raise bare OSErrors for corrupt data
+            raise CheckpointError(f"corrupt file ({e}); download it again", path) from None
+        raise CheckpointError(f"cannot be read ({e.strerror or e}); check its permissions and the disk", path) from None
+    except Exception as e:
+        raise CheckpointError(f"corrupt or not a checkpoint ({type(e).__name__}: {str(e)[:200]}); download it "
+                              "again", path) from None
 
 
 def read_checkpoint(path: PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, `state_dict` unwrapped, non-tensor entries left out."""
     p = _checked_path(path)
-    try:
+    with _reading(p):
         if _kind(p) == "safetensors":
             return _read_safetensors(p)
         return _state_dict(load_torch_file(p), p)
-    except OSError as e:
-        raise _unreadable(p, e) from None
 
 
 def read_header(path: PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{key: (shape, dtype)}. For safetensors only the header is read; a pickle has to be loaded
     (memory-mapped, so tensor data is still not read)."""
     p = _checked_path(path)
-    try:
+    with _reading(p):
         if _kind(p) == "safetensors":
             entries, *_ = _parse_safetensors(p)
             return {k: (e.shape, e.dtype) for k, e in entries.items()}
         return {k: (tuple(t.shape), t.dtype) for k, t in _state_dict(load_torch_file(p), p).items()}
-    except OSError as e:
-        raise _unreadable(p, e) from None
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
     """The `__metadata__` of a safetensors file ({} for pickles, which have none)."""
     p = _checked_path(path)
-    try:
+    with _reading(p):
         return dict(_parse_safetensors(p)[1]) if _kind(p) == "safetensors" else {}
-    except OSError as e:
-        raise _unreadable(p, e) from None
