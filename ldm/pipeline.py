@@ -137,12 +137,20 @@ def txt2img_steps(model: LatentDiffusion, prompt: Prompts, *, negative_prompt: P
 
 
 def _checked(steps: Iterator[Step]) -> Iterator[Step]:
-    """The sampler's steps, each one's prediction checked before it is handed on: the first NaN is named by
-    its step, not found later as a black image."""
+    """The sampler's steps, each one's prediction checked, so that the first NaN is named by its step, not
+    found later as a black image. On the CPU before the step is handed on; on an accelerator reading a flag
+    would stall its queue every step, so the flags stay there and are read once, when the run ends."""
+    hint = "the UNet's weights are damaged, or the settings diverge (a very large --scale?)"
+    pending: list[tuple[str, torch.Tensor]] = []
     for step in steps:
-        check_finite(step.pred_x0, f"step {step.index + 1} of {step.total}'s prediction",
-                     "the UNet's weights are damaged, or the settings diverge (a very large --scale?)")
+        where = f"step {step.index + 1} of {step.total}'s prediction"
+        if step.pred_x0.device.type == "cpu":
+            check_finite(step.pred_x0, where, hint)
+        else:
+            pending.append((where, torch.isfinite(step.pred_x0).all()))
         yield step
+    if pending and not bool(torch.stack([finite for _, finite in pending]).all()):
+        raise NonFiniteError(f"{next(w for w, finite in pending if not finite)} holds NaN or Inf values; {hint}")
 
 
 def strength_to_steps(strength: float, steps: int) -> int:

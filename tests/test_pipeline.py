@@ -146,3 +146,21 @@ def test_a_half_vae_that_overflows_is_decoded_again_in_float32(monkeypatch):
     assert model.vae.post_quant_conv.weight.dtype == torch.float32 and any("overflowed" in n for n in model.notes)
     with torch.no_grad():  # the float32 decode of the same (bf16-rounded) weights
         assert torch.equal(image, real(model.vae, latents / model.scale_factor).float())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: there the flags are read once, at the end of the run"))])
+def test_the_first_non_finite_step_is_named(device):
+    from ldm.pipeline import NonFiniteError, _checked
+    from samplers import Step
+
+    def steps():
+        for i in range(3):
+            x = torch.full((1, 4, 2, 2), float("nan") if i >= 1 else 0.0, device=device)
+            yield Step(index=i, total=3, x=x, eps=x, pred_x0=x, x_next=x)
+
+    seen = []
+    with pytest.raises(NonFiniteError, match="step 2 of 3's prediction holds NaN"):
+        for step in _checked(steps()):
+            seen.append(step.index)
+    assert seen == ([0] if device == "cpu" else [0, 1, 2])  # the CPU stops at once; CUDA when the run ends
