@@ -74,11 +74,17 @@ def _load_strict(module: nn.Module, state: dict, what: str, family: str, source:
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
              for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
+    # A weight stored as integers (or bool) cannot become a parameter: torch raises deep inside
+    # load_state_dict. Name it here instead.
+    kind = [f"{k} {str(state[k].dtype).replace('torch.', '')} (expected floating point)"
+            for k in expected if k in state and expected[k].is_floating_point() and not state[k].is_floating_point()]
+    if missing or unexpected or wrong or kind:
         detail = "; ".join(f"{label} {_first_few(keys)}" for label, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
-        raise CheckpointError(f"{source.name}: the {what} does not fit the {family} layout: {detail}; "
-                              "check that --config matches this checkpoint (or omit it to detect the family)")
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                            ("wrong dtype", kind)) if keys)
+        advice = ("the file is damaged, download it again" if not (missing or unexpected or wrong) else
+                  "check that --config matches this checkpoint (or omit it to detect the family)")
+        raise CheckpointError(f"{source.name}: the {what} does not fit the {family} layout: {detail}; {advice}")
     module.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     assert not left, f"{what} tensors never loaded (a buffer built in __init__?): {left[:3]}"

@@ -272,3 +272,18 @@ def test_sd2_file_without_a_prediction_type_is_probed(tmp_path):
     assert model.parameterization in note and "--prediction" in note
     assert ldm.load(FIXTURES[name] / f"{name}.safetensors", config=cfg, device="cpu",
                     prediction="v").parameterization == "v"
+
+
+def test_an_integer_tensor_where_a_float_weight_belongs_is_named(tmp_path):
+    """torch refuses to make an integer tensor a parameter with a message about gradients, deep inside
+    load_state_dict; the loader names the key and its dtype instead."""
+    sd = load_file(FIXTURES["sd1_tiny"] / "sd1_tiny.safetensors")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    sd[key] = sd[key].to(torch.int64)
+    path = tmp_path / "sd1_tiny.safetensors"
+    save_file(sd, str(path))
+    copy_config(FIXTURES["sd1_tiny"] / "sd1_tiny.yaml", tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        ldm.load(path, device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "input_blocks.0.0.weight int64" in msg and "download it again" in msg
