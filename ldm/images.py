@@ -190,6 +190,28 @@ def read_settings(png_path) -> dict:
     return json.loads(_png_text(png_path, "ldm"))
 
 
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16/32-bit integer and float single-channel
+
+
+def _as_8bit(im: Image.Image, path: Path) -> tuple[Image.Image, str | None]:
+    """A 16-bit or float image scaled to 8 bits by its range, with a note; PIL's own convert() clips
+    16-bit values at 255 (a grey scan turns white) and floats in [0, 1] to 0 or 1 (black)."""
+    if im.mode not in _WIDE_MODES:
+        return im, None
+    a = np.asarray(im, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ImageError(f"{path}: holds NaN or Inf pixels; save it as an ordinary 8-bit PNG or JPEG")
+    if im.mode == "F":
+        # float images are usually [0, 1]; anything else is stretched from its own minimum to maximum
+        lo, hi = (0.0, 1.0) if a.min() >= 0.0 and a.max() <= 1.0 else (float(a.min()), float(a.max()))
+    else:
+        # the range of the type the values fit: 8-bit data in a wide container stays as it was
+        lo = min(0.0, float(a.min()))
+        hi = next((m for m in (255.0, 65535.0) if a.max() <= m and lo == 0.0), float(a.max()))
+    scaled = np.round((a - lo) / max(hi - lo, 1e-12) * 255.0).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(scaled), f"converted {path.name} from {im.mode} to 8-bit (its range {lo:g}..{hi:g})"
+
+
 MAX_INIT_PIXELS = 4096 * 4096  # a 4096x4096 image is a 512x512 latent: 64 times SD 1.x's native area
 
 
@@ -205,7 +227,8 @@ def load_image(path, *, multiple: int = 32) -> tuple[torch.Tensor, str | None]:
             raise ImageError(f"{path}: is {w}x{h}; an init image may have at most {MAX_INIT_PIXELS:,} pixels "
                              "(4096x4096), resize it first")
         try:
-            image = im.convert("RGB")
+            image, converted = _as_8bit(im, path)
+            image = image.convert("RGB")
         except OSError as e:  # truncated or corrupt data shows up only when the pixels are decoded
             raise ImageError(f"{path}: cannot be decoded ({e}); re-save it as a PNG or JPEG") from None
     w, h = image.size
@@ -213,10 +236,11 @@ def load_image(path, *, multiple: int = 32) -> tuple[torch.Tensor, str | None]:
         raise ImageError(f"{path}: is {w}x{h}; the init image must be at least {multiple}x{multiple} pixels")
     # the original script's crop (scripts/img2img.py: `x - x % 32`; Stability's SD 2 script uses 64)
     new_w, new_h = w - w % multiple, h - h % multiple
-    note = None
+    notes = [converted] if converted else []
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), resample=Image.LANCZOS)
-        note = f"resized {path.name} from {w}x{h} to {new_w}x{new_h} (multiples of {multiple})"
+        notes.append(f"resized {path.name} from {w}x{h} to {new_w}x{new_h} (multiples of {multiple})")
+    note = "; ".join(notes) or None
     array = np.array(image).astype(np.float32) / 255.0
     x = torch.from_numpy(array[None].transpose(0, 3, 1, 2).copy())
     return 2. * x - 1., note

@@ -263,6 +263,30 @@ def test_load_image_exact_size_values_and_modes(tmp_path):
     assert load_image(rgba)[0][0, :, 5, 5].tolist() == [1.0, -1.0, -1.0]
 
 
+def test_16_bit_and_float_images_are_scaled_by_their_range(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit grey scan at 255 (99.6% white) and a [0, 1] float TIFF to 0 (black);
+    they are scaled to 8 bits by their range instead: 16-bit values by 65535, floats in [0, 1] by 1, other
+    floats from their minimum to their maximum."""
+    ramp = np.round(np.linspace(8000, 60000, 32 * 32)).reshape(32, 32)
+    cases = [
+        ("I;16", ramp.astype(np.uint16), ".png", ramp / 65535),
+        ("F", ramp / 65535, ".tiff", ramp / 65535),
+        ("F", ramp, ".tiff", (ramp - ramp.min()) / (ramp.max() - ramp.min())),
+    ]
+    for i, (mode, values, ext, expected01) in enumerate(cases):
+        path = tmp_path / f"wide{i}{ext}"
+        Image.fromarray(values.astype(np.float32) if mode == "F" else values).save(path)
+        assert Image.open(path).mode.startswith(mode[0])
+        x, note = load_image(path)
+        want = np.round(expected01 * 255) / 255 * 2 - 1
+        assert np.abs(x[0, 0].numpy() - want).max() < 1e-6, mode
+        assert (x[0, 0] == x[0, 2]).all() and "to 8-bit" in note and path.name in note
+    nan = tmp_path / "nan.tiff"
+    Image.fromarray(np.full((32, 32), np.nan, np.float32)).save(nan)
+    with pytest.raises(ImageError, match="NaN"):
+        load_image(nan)
+
+
 def test_load_image_errors(tmp_path):
     small = tmp_path / "small.png"
     Image.new("RGB", (31, 100)).save(small)
