@@ -20,11 +20,12 @@ from torch import nn
 from models.config import PRESETS, ConfigError, ModelConfig, from_yaml
 from models.prepack import can_prepack, onednn_linears, prepack_convolutions
 from models.text_encoders import text_encoder
+from models.upscaling import ImageConcatWithNoiseAugmentation
 from models.tokenizer import Tokenizer, tokenizer_for
 from models.unet import UNetModel
 from models.vae import AutoencoderKL
 from weights import (CheckpointError, detect_family, ema_unet, is_lone_vae, read_checkpoint, schedule_buffers,
-                     split_components)
+                     split_components, sub_state)
 from weights.pages import PageReleaser
 
 from .device import Placement, configure_backends, resolve
@@ -44,6 +45,11 @@ class LatentDiffusion:
     placement: Placement
     path: Optional[Path] = None
     notes: list = field(default_factory=list)  # what the loader decided and why (shown by the CLI)
+    # What the special families condition on besides the text (None elsewhere): the x4 upscaler's
+    # noise augmentation of the low-res image (models/upscaling.py), and SD 2 depth's MiDaS estimator,
+    # `depth_model(images in [-1, 1]) -> [B, 1, H, W]`, when the file holds its weights.
+    low_scale_model: Optional[nn.Module] = None
+    depth_model: Optional[nn.Module] = None
 
     @property
     def scale_factor(self) -> float:
@@ -152,10 +158,48 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
     if agree is False:
         notes.append("the checkpoint's alphas_cumprod differs from the config's linear schedule; "
                      "sampling with the checkpoint's, as the original does")
+    low_scale = low_scale_model(cfg, state, family, path, notes)
+    depth = depth_model(state, family, placement, path, notes)
     return LatentDiffusion(
         family=family, config=cfg, unet=unet, vae=autoencoder, text_encoder=text,
         tokenizer=tokenizer_for(cfg.text), alphas_cumprod=alphas_cumprod, placement=placement, path=path,
-        notes=notes)
+        notes=notes, low_scale_model=low_scale, depth_model=depth)
+
+
+def low_scale_model(cfg: ModelConfig, state: dict, family: str, path: Path,
+                    notes: list) -> Optional[ImageConcatWithNoiseAugmentation]:
+    """The x4 upscaler's noise augmentation: built from the config, its schedule buffers then taken from the
+    file's `low_scale_model.*` (strictly) when it has them. float32 on the CPU: a small table, indexed there."""
+    if "low_scale" not in cfg.extra:
+        return None
+    try:
+        module = ImageConcatWithNoiseAugmentation.from_config(cfg.extra["low_scale"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: the config's low_scale_config cannot be used: {e}") from None
+    buffers = sub_state(state, "low_scale_model.")
+    if buffers:
+        _load_strict(module, {k: v.float() for k, v in buffers.items()}, "low-res noise schedule", family, path)
+    else:
+        notes.append("the file has no low_scale_model.* buffers; the low-res noise schedule is computed from the "
+                     "config")
+    return module
+
+
+def depth_model(state: dict, family: str, placement: Placement, path: Path, notes: list) -> Optional[nn.Module]:
+    """SD 2 depth's MiDaS DPT-Hybrid from the file's `depth_model.*` keys (strictly), placed like the other
+    networks; None, with a note, when the file does not carry them (pass a depth map instead)."""
+    if family != "sd2_depth":
+        return None
+    weights = sub_state(state, "depth_model.")
+    if not weights:
+        notes.append("the file has no depth_model.* weights (MiDaS): depth comes from --depth-map only")
+        return None
+    from models.midas import MiDaSInference
+
+    with torch.device("meta"):
+        module = MiDaSInference()
+    _load_strict(module, weights, "depth model (MiDaS)", family, path)
+    return place(module, placement, PageReleaser(path))
 
 
 def _read(path: Path) -> dict:

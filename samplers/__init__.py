@@ -27,8 +27,8 @@ DPM2, Lu et al. 2022 (DPM-Solver, Alg. 1); DPM++, Lu et al. 2022 (DPM-Solver++, 
 """
 from .ddim import ddim_steps, ddim_update
 from .ddpm import ddpm_steps, ddpm_update
-from .denoiser import (Denoise, Guided, SigmaDenoise, append_dims, make_denoiser, make_guided, make_sigma_denoiser,
-                       pred_x0_from_eps)
+from .denoiser import (Denoise, Guided, SigmaDenoise, append_dims, apply_model, make_denoiser, make_guided,
+                       make_sigma_denoiser, pred_x0_from_eps)
 from .dpm2 import dpm2_ancestral_steps, dpm2_steps
 from .dpmpp import dpmpp_2m_steps, dpmpp_2s_ancestral_steps, dpmpp_sde_steps
 from .euler import euler_ancestral_steps, euler_steps
@@ -47,7 +47,8 @@ from .step import Step, drain
 __all__ = [
     "REGISTRY", "SamplerSpec", "available", "register", "resolve_sampler", "denoiser_for", "start_for",
     "Step", "drain",
-    "Denoise", "SigmaDenoise", "Guided", "make_guided", "make_denoiser", "make_sigma_denoiser", "append_dims",
+    "Denoise", "SigmaDenoise", "Guided", "apply_model", "make_guided", "make_denoiser", "make_sigma_denoiser",
+    "append_dims",
     "pred_x0_from_eps",
     "noise_like", "randn", "BrownianNoise", "Generators",
     "ddim_steps", "ddim_update", "plms_steps", "ddpm_steps", "ddpm_update",

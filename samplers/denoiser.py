@@ -12,6 +12,13 @@ Notation:
 and `make_sigma_denoiser` (noise levels, for the k-diffusion samplers) both wrap it, and every sampler
 receives `denoise(x, t)` or `denoise(x, sigma) -> (eps, pred_x0)` and never sees the model, the
 conditioning or the guidance scale.
+
+Conditioning is a context tensor (text only), or for the hybrid models a dict (`Conditioning`):
+    {"c_crossattn": context, "c_concat": channels concatenated to the latent, "y": class labels}
+`apply_model` is the one place that turns it into a UNet call, as the original `DiffusionWrapper`
+("hybrid": cat([x, c_concat], 1) with the context; "hybrid-adm": also `y`, the x4 upscaler's noise
+level). The sampler's x alone is scaled (c_in in sigma space); c_concat enters as it is, for both halves
+of the guided batch, so every sampler runs the inpainting, depth and upscaling models unchanged.
 """
 from __future__ import annotations
 
@@ -62,13 +69,27 @@ def _to(c: Any, dtype: torch.dtype | None) -> Any:
     return c
 
 
+def apply_model(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    """model(x, t, context), or for dict conditioning model(cat([x, c_concat], 1), t, c_crossattn, y=y)."""
+    if not isinstance(cond, dict):
+        return model(x, t, cond)
+    unknown = set(cond) - {"c_crossattn", "c_concat", "y"}
+    if unknown:
+        raise ValueError(f"unknown conditioning keys {sorted(unknown)}; use c_crossattn, c_concat and y")
+    if cond.get("c_concat") is not None:
+        x = torch.cat([x, cond["c_concat"].to(x.dtype)], dim=1)
+    extra = {"y": cond["y"]} if cond.get("y") is not None else {}
+    return model(x, t, cond["c_crossattn"], **extra)
+
+
 def make_guided(model: Callable, cond: Any, uncond: Any, scale: float, *,
                 dtype: torch.dtype | None = None) -> Guided:
     """Wrap `model(x, t, context)` into `guided(x, t) -> raw output` (ε̂ or v̂), float32.
 
     With guidance (`uncond` given and `scale != 1`) the model is called once on the batch
     `[x, x]`, `[t, t]`, `[uncond, cond]` and out = out_u + scale (out_c - out_u), exactly as the
-    original DDIM/PLMS samplers; otherwise once on `cond` alone. The guidance mixes raw outputs
+    original DDIM/PLMS samplers; otherwise once on `cond` alone (a tensor, or a dict: `apply_model`;
+    uncond and cond then have the same keys, and are batched key by key). The guidance mixes raw outputs
     (ε̂ or v̂), as the original does. `t` is a [B] tensor on x's device, passed as it is (integer
     timesteps for the alpha space, fractional float ones for the sigma space).
     `dtype`: the model's dtype; x and the conditioning are cast to it for the call only, and the
@@ -80,8 +101,8 @@ def make_guided(model: Callable, cond: Any, uncond: Any, scale: float, *,
     def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32)
         if not guided:
-            return model(_to(x, dtype), t, context).to(torch.float32)
-        out = model(_to(torch.cat([x, x]), dtype), torch.cat([t, t]), context).to(torch.float32)
+            return apply_model(model, _to(x, dtype), t, context).to(torch.float32)
+        out = apply_model(model, _to(torch.cat([x, x]), dtype), torch.cat([t, t]), context).to(torch.float32)
         out_u, out_c = out.chunk(2)
         return out_u + scale * (out_c - out_u)
 

@@ -37,8 +37,8 @@ EXTRA_KEYS = frozenset(SCHEDULE_BUFFERS) | {
 }
 EXTRA_PREFIXES = (
     "model_ema.",  # LitEma shadow weights (and its decay / num_updates)
-    "depth_model.",  # SD 2 depth: the MiDaS estimator
-    "low_scale_model.",  # x4 upscaler: the noise-augmentation schedule
+    "depth_model.",  # SD 2 depth: the MiDaS estimator (loaded by ldm.loading when present: `sub_state`)
+    "low_scale_model.",  # x4 upscaler: the noise-augmentation schedule (likewise)
     "loss.", "first_stage_model.loss.",  # VAE training losses (LPIPS, discriminator)
 )
 # A VAE saved on its own (vae-ft-mse-840000-ema-pruned.ckpt) has AutoencoderKL's keys unprefixed.
@@ -83,6 +83,12 @@ def split_components(sd: Mapping[str, Tensor]) -> Components:
             else:
                 parts.setdefault(name, {})[key[len(PREFIXES[name]):]] = tensor
     return Components(parts, extras, unknown)
+
+
+def sub_state(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The keys under `prefix` with it removed: one of the `extras` networks inference may still run
+    (`depth_model.`: SD 2 depth's MiDaS; `low_scale_model.`: the x4 upscaler's noise schedule)."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def schedule_buffers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
