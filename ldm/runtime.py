@@ -12,7 +12,9 @@ from models.prepack import plain_linears, unpack_convolutions
 from models.tiling import enable_vae_tiling
 
 from .device import Placement, configure_backends
+from .errors import UsageError
 from .loading import LatentDiffusion, load
+from .memory import available_bytes, refusal
 from .offload import enable_lowvram
 from .options import RunPlan, check_model
 
@@ -53,9 +55,25 @@ def load_for_run(args, plan: RunPlan) -> LatentDiffusion:
         set_attention_slicing(model.vae, args.attention_slicing)
     if args.vae_tiling:
         enable_vae_tiling(model.vae)
+    check_fits(model, plan)
     if args.compile:
         model.unet = compile_unet(model.unet, placement.device)
         if placement.device.type == "cpu" and placement.dtype == torch.float32:
             model.notes.append("--compile in float32 on the CPU was measured slower than without it; it pays in "
                                "bfloat16, on CPUs that have it (README)")
     return model
+
+
+def check_fits(model: LatentDiffusion, plan: RunPlan) -> None:
+    """Refuse a size whose activations cannot fit in the memory left after loading (ldm/memory.py)."""
+    device = plan.placement.device
+    budget = available_bytes(device)
+    if budget is None:
+        return
+    unet_dtype = next(model.unet.parameters()).dtype
+    vae_dtype = model.vae.post_quant_conv.weight.dtype
+    line = refusal(model.config, max(map(len, plan.batches)), plan.height, plan.width, budget, device,
+                   unet_itemsize=unet_dtype.itemsize, vae_itemsize=vae_dtype.itemsize,
+                   vae_tile=model.vae.tiling.tile if model.vae.tiling is not None else None)
+    if line:
+        raise UsageError(line)

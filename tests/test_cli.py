@@ -463,3 +463,30 @@ def test_an_unwritable_outdir_is_refused_before_loading(tmp_path, capsys):
     code, out, err = run(capsys, "txt2img", argv)
     assert_one_line_error(code, err, "cannot be written here", "pass another --outdir")
     assert "Loading model" not in out
+
+
+def test_a_size_that_cannot_fit_in_memory_is_refused_before_sampling(tmp_path, capsys):
+    code, out, err = run(capsys, "txt2img", model_flags() + ["--H", 100000, "--W", 100000, "--outdir", tmp_path])
+    assert_one_line_error(code, err, "--H 100000 --W 100000 with 3 sample(s) per batch needs about", "fits")
+    assert listing(tmp_path) == []
+
+
+def test_the_memory_ceiling_suggests_sizes_that_fit():
+    """The suggestions are checked against the same estimate: the offered size fits, 64 more does not.
+    (How good the estimate is, is measured by tools/measure_memory.py, not asserted here.)"""
+    from ldm import memory
+    from models.config import PRESETS
+
+    cfg, gib = PRESETS["sd1"], 2**30
+    sizes = dict(unet_itemsize=4, vae_itemsize=4)
+    assert memory.refusal(cfg, 3, 512, 512, 16 * gib, torch.device("cpu"), vae_tile=None, **sizes) is None
+    line = memory.refusal(cfg, 3, 512, 100000, 16 * gib, torch.device("cpu"), vae_tile=None, **sizes)
+    print(line)
+    h, w = (int(v) for v in line.split("fits")[0].split(": ")[-1].replace("--H", "").replace("--W", "").split())
+    assert h == 512 and w % 64 == 0  # the strip keeps the height asked for and gives up width
+    assert memory.estimate(cfg, 3, h, w, **sizes).peak <= 16 * gib < memory.estimate(cfg, 3, h, w + 64, **sizes).peak
+    assert "the VAE decode" in line and "--n_samples 1" not in line
+    # one 2048x2048 image fits in 12 GB only with the decode tiled; on a GPU --lowvram is named too
+    line = memory.refusal(cfg, 1, 2048, 2048, 12 * gib, torch.device("cuda"), vae_tile=None, **sizes)
+    assert "--vae-tiling would make this size fit" in line and "--lowvram" in line
+    assert memory.refusal(cfg, 1, 2048, 2048, 12 * gib, torch.device("cuda"), vae_tile=64, **sizes) is None
