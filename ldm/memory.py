@@ -108,7 +108,7 @@ def refusal(cfg: ModelConfig, n: int, height: int, width: int, budget: int, devi
         hints.append("--n_samples 1 fits")
     if vae_tile is None and estimate(cfg, n, height, width, vae_tile=64, **sizes).peak <= budget:
         hints.append("--vae-tiling would make this size fit")
-    elif vae_tile is None:
+    elif vae_tile is None and need.vae > budget:
         hints.append("--vae-tiling bounds the decode")
     if device.type != "cpu":
         hints.append("--lowvram keeps the weights off the device between stages")

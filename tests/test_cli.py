@@ -485,7 +485,7 @@ def test_the_memory_ceiling_suggests_sizes_that_fit():
     h, w = (int(v) for v in line.split("fits")[0].split(": ")[-1].replace("--H", "").replace("--W", "").split())
     assert h == 512 and w % 64 == 0  # the strip keeps the height asked for and gives up width
     assert memory.estimate(cfg, 3, h, w, **sizes).peak <= 16 * gib < memory.estimate(cfg, 3, h, w + 64, **sizes).peak
-    assert "the VAE decode" in line and "--n_samples 1" not in line
+    assert "--n_samples 1" not in line  # one sample of that size does not fit either
     # one 2048x2048 image fits in 12 GB only with the decode tiled; on a GPU --lowvram is named too
     line = memory.refusal(cfg, 1, 2048, 2048, 12 * gib, torch.device("cuda"), vae_tile=None, **sizes)
     assert "--vae-tiling would make this size fit" in line and "--lowvram" in line
