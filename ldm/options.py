@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from models.config import from_yaml
 from samplers.registry import SamplerSpec, available, resolve_sampler
 from samplers.schedule import ddim_timesteps
 from samplers.sigmas import SCHEDULES
@@ -261,6 +262,8 @@ def validate(command: str, args) -> RunPlan:
     if args.config is not None and not Path(args.config).is_file():
         raise UsageError(f"{args.config}: no such file; --config takes the original YAML (v1-inference.yaml), "
                          "or leave it out to detect the model from the checkpoint")
+    if args.config is not None:
+        from_yaml(args.config)  # a config that cannot be read is one line now, not after the weights
     ckpt = Path(args.ckpt)
     if ckpt.is_dir():
         raise UsageError(f"{ckpt}: is a folder; {GET_A_CHECKPOINT}")

@@ -268,6 +268,10 @@ BAD_FLAGS = [
     ("img2img", [], "--init-img is required"),
     ("img2img", ["--init-img", "{tmp}/none.png"], "none.png: no such file"),
     ("img2img", ["--init-img", "{tmp}/text.png"], "cannot be read as an image"),
+    ("img2img", ["--init-img", "{tmp}/huge.png"], "is 5000x5000; an init image may have at most"),
+    ("img2img", ["--init-img", "{tmp}/bomb.png"], "decompression bomb"),
+    ("img2img", ["--init-img", "{tmp}/cut.png"], "cannot be decoded"),
+    ("txt2img", ["--config", "{tmp}/garbage.yaml"], "garbage.yaml"),
     ("img2img", ["--init-img", "{init}", "--H", "512"], "--H is not an img2img flag"),
     ("img2img", ["--init-img", "{init}", "--fixed_code"], "--fixed_code has no effect in img2img"),
 ]
@@ -282,9 +286,25 @@ def assert_one_line_error(code: int, err: str, *expected: str) -> None:
         assert text in lines[0]
 
 
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG that is only a header claiming width x height: PIL reads the size without any pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("command, flags, message", BAD_FLAGS)
 def test_bad_flags_fail_before_loading(tmp_path, capsys, init_png, command, flags, message):
     (tmp_path / "text.png").write_text("not an image")
+    _png_header(tmp_path / "huge.png", 5000, 5000)  # over the 4096x4096 ceiling, refused from the header
+    _png_header(tmp_path / "bomb.png", 20000, 20000)  # over PIL's own bomb limit: it raises when opening
+    (tmp_path / "cut.png").write_bytes(Path(init_png).read_bytes()[:200])
+    (tmp_path / "garbage.yaml").write_bytes(bytes(range(256)) * 4)
     flags = [f.format(tmp=tmp_path, init=init_png) for f in flags]
     # a checkpoint that does not exist: the message must be about the flag, so the flag was checked first
     code, out, err = run(capsys, command, flags + ["--ckpt", tmp_path / "missing.ckpt", "--outdir", tmp_path / "o"])
