@@ -1,4 +1,5 @@
-"""txt2img and img2img as plain functions over a loaded model.
+"""txt2img and img2img as plain functions over a loaded model (inpaint, depth2img and upscale, for the
+special checkpoints, are in ldm/inpainting.py, ldm/depth.py and ldm/upscaling.py, and reachable from here too).
 
 Each pipeline comes in two forms: `*_steps(...)` yields the sampler's `Step`s (look at `x`, `eps`,
 `pred_x0` at any step, `break`, or replace `step.x_next`), and `txt2img(...)`/`img2img(...)` run
@@ -89,6 +90,31 @@ def make_generators(seed: int, n: int, seed_mode: str = "original") -> Generator
     raise ValueError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {seed_mode!r}")
 
 
+class NumpyStartCodes:
+    """The start code of the inpainting and upscaling scripts: `np.random.RandomState(seed).randn(n, C, h, w)`
+    in float64, cast to float32, independent of torch's generator. Successive `draw`s continue the stream
+    (batch k of a run is the k-th draw; the first is the scripts'); "per-sample" gives image i its own
+    RandomState(seed + i). numpy takes seeds in 0..2**32 - 1."""
+
+    def __init__(self, seed: int, n: int, seed_mode: str = "original"):
+        import numpy as np
+
+        seeds = [seed] if seed_mode == "original" else [seed + i for i in range(n)]
+        if seed_mode not in SEED_MODES:
+            raise ValueError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {seed_mode!r}")
+        if not all(0 <= s < 2 ** 32 for s in seeds):
+            raise ValueError(f"seed {seed}: numpy's RandomState takes seeds in 0..{2 ** 32 - 1}"
+                             + (f" (per-sample mode uses seed .. seed + {n - 1})" if n > 1 and len(seeds) > 1 else ""))
+        self.states = [np.random.RandomState(s) for s in seeds]
+
+    def draw(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(self.states) == 1:
+            return torch.from_numpy(self.states[0].randn(*shape)).to(torch.float32)
+        if shape[0] > len(self.states):
+            raise ValueError(f"{len(self.states)} per-sample seeds for a batch of {shape[0]}")
+        return torch.cat([torch.from_numpy(s.randn(1, *shape[1:])) for s in self.states[:shape[0]]]).to(torch.float32)
+
+
 @torch.no_grad()
 def encode_image(model: LatentDiffusion, images: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents, sampling the posterior as the original (one noise draw)."""
@@ -102,12 +128,30 @@ def latent_shape(model: LatentDiffusion, n: int, height: int, width: int) -> tup
     return (n, model.config.vae.embed_dim, height // f, width // f)
 
 
-def _denoiser(model: LatentDiffusion, spec: SamplerSpec, prompts: list[str], negative: list[str], scale: float):
+PIPELINE_OF = {"sd1_inpaint": "inpaint", "sd2_inpaint": "inpaint", "sd2_depth": "depth2img",
+               "x4_upscaler": "upscale"}
+
+
+def _denoiser(model: LatentDiffusion, spec: SamplerSpec, prompts: list[str], negative: list[str], scale: float,
+              c_concat: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None):
+    """The guided denoiser over the prompts' text conditioning, plus for the hybrid models the channels
+    concatenated to the latent (`c_concat`) and the class label (`y`): both halves of the guided batch get
+    the same ones, as in the original scripts."""
     if model.parameterization is None:
         raise ValueError("the model's prediction type (eps or v) is not known; load it with prediction=\"eps\" or \"v\"")
+    extra = 0 if c_concat is None else c_concat.shape[1]
+    if model.config.vae.embed_dim + extra != model.config.unet.in_channels:
+        needs = PIPELINE_OF.get(model.family)
+        raise ValueError(f"this {model.family} model's UNet takes {model.config.unet.in_channels} input channels, "
+                         f"not {model.config.vae.embed_dim} + {extra}"
+                         + (f"; use ldm.pipeline.{needs}" if needs and c_concat is None else ""))
     cond = encode_text(model, prompts)
     # The original encodes the empty string for the unconditional half, never zeros.
     uncond = encode_text(model, negative) if scale != 1.0 else None
+    if c_concat is not None or y is not None:
+        hybrid = {k: v for k, v in (("c_concat", c_concat), ("y", y)) if v is not None}
+        cond = {"c_crossattn": cond, **hybrid}
+        uncond = None if uncond is None else {"c_crossattn": uncond, **hybrid}
     return denoiser_for(spec, model.unet, cond, uncond, scale, model.parameterization, model.alphas_cumprod,
                         dtype=model.placement.dtype)
 
@@ -205,3 +249,16 @@ def img2img(model: LatentDiffusion, init_image: torch.Tensor, prompt: Prompts, *
         steps = img2img_steps(model, init_latent, prompt, generator=generator, **kwargs)
         out.append(decode(model, drain(steps, init_latent)))
     return out
+
+
+# The special checkpoints' pipelines live in their own modules and import this one: reached lazily from here.
+_SPECIAL = {"inpaint": "inpainting", "inpaint_steps": "inpainting", "depth2img": "depth",
+            "depth2img_steps": "depth", "upscale": "upscaling", "upscale_steps": "upscaling"}
+
+
+def __getattr__(name: str):
+    if name in _SPECIAL:
+        import importlib
+
+        return getattr(importlib.import_module(f"ldm.{_SPECIAL[name]}"), name)
+    raise AttributeError(f"module 'ldm.pipeline' has no attribute {name!r}")
