@@ -29,8 +29,9 @@ def compile_unet(unet: nn.Module, device: torch.device) -> nn.Module:
     return torch.compile(unet, options={"freezing": True} if device.type == "cpu" else None)
 
 
-def load_for_run(args, plan: RunPlan) -> LatentDiffusion:
-    """ldm.load with the memory options, checked against the flags (options.check_model).
+def load_for_run(args, plan: RunPlan, check=check_model) -> LatentDiffusion:
+    """ldm.load with the memory options, checked against the flags (`check(model, args)`: options.check_model
+    for txt2img/img2img, the special commands' own in ldm/special_options.py).
 
     --lowvram loads onto the CPU in the compute dtype and lends each network to the accelerator only
     while it runs (on a CPU-only run it drops the reordered weight copies of models/prepack.py instead);
@@ -42,7 +43,7 @@ def load_for_run(args, plan: RunPlan) -> LatentDiffusion:
     where = Placement(torch.device("cpu"), placement.dtype, placement.notes) if offload else placement
     model = load(plan.ckpt, config=args.config, device=where, ema=args.ema, prediction=args.prediction,
                  vae=args.vae)
-    check_model(model, args)  # before any option touches the networks: a wrong --f is one line, not a stack
+    check(model, args)  # before any option touches the networks: a wrong --f is one line, not a stack
     if offload:
         configure_backends(placement)
         enable_lowvram(model, placement.device)
