@@ -285,8 +285,12 @@ def validate(command: str, args) -> RunPlan:
 def check_model(model: LatentDiffusion, args) -> None:
     """The flags that must agree with the loaded model."""
     if model.family not in TEXT_TO_IMAGE_FAMILIES:
+        from .pipeline import PIPELINE_OF
+
+        fits = PIPELINE_OF.get(model.family)
+        use = f"; use it with `python -m ldm {fits}` (tools/{fits}.py)" if fits else ""
         raise UsageError(f"{Path(args.ckpt).name} is a {model.family} checkpoint; txt2img and img2img need a "
-                         "text-to-image model (SD 1.x or SD 2.x)")
+                         f"text-to-image model (SD 1.x or SD 2.x){use}")
     f, channels = model.config.vae.downsampling_factor, model.config.vae.embed_dim
     if args.f is not None and args.f != f:
         raise UsageError(f"--f {args.f} does not match the model: its VAE downsamples by {f}; pass --f {f} "
