@@ -207,13 +207,8 @@ def validate(command: str, args) -> RunPlan:
         value = getattr(args, flag, None)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{flag} {value}: must be a finite number")
-    try:
-        spec = resolve_sampler(args.sampler or ("plms" if args.plms else "ddim"), args.schedule)
-    except ValueError as e:
-        raise UsageError(f"--sampler {args.sampler}: {e}") from None
+    spec = check_sampler(args)
     sampler = spec.name
-    if args.plms and sampler != "plms":
-        raise UsageError(f"--plms and --sampler {args.sampler} disagree; pass one of them")
     if args.ddim_eta and not spec.takes("eta"):
         raise UsageError(f"--ddim_eta {args.ddim_eta}: the {sampler} sampler takes no eta; leave it at 0")
     if args.prompt is None and not args.from_file:
@@ -227,21 +222,8 @@ def validate(command: str, args) -> RunPlan:
         for flag in ("H", "W"):
             if getattr(args, flag) < 1:
                 raise UsageError(f"--{flag} {getattr(args, flag)}: must be a size in pixels, at least 1")
-    if args.ddim_steps < 1 or args.ddim_steps > 1000:
-        raise UsageError(f"--ddim_steps {args.ddim_steps}: must be in 1..1000")
-    try:
-        ddim_timesteps(args.ddim_steps)
-    except ValueError as e:
-        raise UsageError(f"--ddim_steps {args.ddim_steps}: {e}") from None
-    if args.compile and args.lowvram:
-        raise UsageError("--compile and --lowvram do not go together (lowvram moves the UNet block by block); "
-                         "pick one")
-    if args.attention_slicing < 0:
-        raise UsageError(f"--attention-slicing {args.attention_slicing}: must be 0 (off) or more")
-    if args.vae is not None and not Path(args.vae).is_file():
-        raise UsageError(f"{args.vae}: no such file; --vae takes a VAE checkpoint (.ckpt or .safetensors)")
-    if args.n_rows < 0:
-        raise UsageError(f"--n_rows {args.n_rows}: must be 0 (n_samples per row) or more")
+    check_steps(args)
+    check_run_flags(args)
     if args.ddim_eta < 0:
         raise UsageError(f"--ddim_eta {args.ddim_eta}: must be 0 or more")
     if sampler == "plms" and args.ddim_eta != 0:
@@ -257,6 +239,47 @@ def validate(command: str, args) -> RunPlan:
             raise UsageError("--init-img is required: the image to start from")
         image, note = load_image(args.init_img, multiple=32)
         init = InitImage(image, note, hashlib.sha256(Path(args.init_img).read_bytes()).hexdigest())
+    placement, ckpt = check_files(args)
+    height, width = (args.H, args.W) if init is None else init.image.shape[2:]
+    return RunPlan(spec, data, init, height, width, placement, ckpt)
+
+
+# The checks every command shares (the special ones of ldm/special_options.py too), in validate's order.
+def check_sampler(args) -> SamplerSpec:
+    """--sampler (or --plms) and --schedule as a SamplerSpec."""
+    try:
+        spec = resolve_sampler(args.sampler or ("plms" if args.plms else "ddim"), args.schedule)
+    except ValueError as e:
+        raise UsageError(f"--sampler {args.sampler}: {e}") from None
+    if args.plms and spec.name != "plms":
+        raise UsageError(f"--plms and --sampler {args.sampler} disagree; pass one of them")
+    return spec
+
+
+def check_steps(args) -> None:
+    if args.ddim_steps < 1 or args.ddim_steps > 1000:
+        raise UsageError(f"--ddim_steps {args.ddim_steps}: must be in 1..1000")
+    try:
+        ddim_timesteps(args.ddim_steps)
+    except ValueError as e:
+        raise UsageError(f"--ddim_steps {args.ddim_steps}: {e}") from None
+
+
+def check_run_flags(args) -> None:
+    """The memory and speed flags, --vae and --n_rows."""
+    if args.compile and args.lowvram:
+        raise UsageError("--compile and --lowvram do not go together (lowvram moves the UNet block by block); "
+                         "pick one")
+    if args.attention_slicing < 0:
+        raise UsageError(f"--attention-slicing {args.attention_slicing}: must be 0 (off) or more")
+    if args.vae is not None and not Path(args.vae).is_file():
+        raise UsageError(f"{args.vae}: no such file; --vae takes a VAE checkpoint (.ckpt or .safetensors)")
+    if args.n_rows < 0:
+        raise UsageError(f"--n_rows {args.n_rows}: must be 0 (n_samples per row) or more")
+
+
+def check_files(args) -> tuple[Placement, Path]:
+    """The device and dtype, --config, --ckpt and --outdir (made and tried): (placement, checkpoint path)."""
     placement = resolve(args.device, "bfloat16" if args.bf16 and args.dtype is None else args.dtype,
                         args.precision)
     if args.config is not None and not Path(args.config).is_file():
@@ -278,8 +301,7 @@ def validate(command: str, args) -> RunPlan:
     except OSError as e:
         raise UsageError(f"{outdir}: cannot be written here ({e.strerror or type(e).__name__}); pass another "
                          "--outdir") from None
-    height, width = (args.H, args.W) if init is None else init.image.shape[2:]
-    return RunPlan(spec, data, init, height, width, placement, ckpt)
+    return placement, ckpt
 
 
 def check_model(model: LatentDiffusion, args) -> None:
