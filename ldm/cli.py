@@ -10,7 +10,11 @@ from .errors import run_command
 
 GENERATE = {"txt2img": "images from a text prompt (the original scripts/txt2img.py flags)",
             "img2img": "variations of an input image (the original scripts/img2img.py flags)",
-            "steps": "watch an image form: a filmstrip and a GIF of the predicted x0 (txt2img flags + --every)"}
+            "steps": "watch an image form: a filmstrip and a GIF of the predicted x0 (txt2img flags + --every; "
+                     "`steps inpaint|depth2img|upscale ...` for those)"}
+SPECIAL = {"inpaint": "repaint the masked part of an image (SD 1.5 / SD 2 inpainting checkpoints)",
+           "depth2img": "re-render an image keeping its depth (SD 2 depth checkpoint)",
+           "upscale": "upscale an image 4x (x4 upscaler checkpoint)"}
 
 
 def _inspect(args) -> int:
@@ -32,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="original YAML config (with --load)")
     p.add_argument("--ema", action="store_true", help="load the EMA UNet weights (with --load)")
     p.set_defaults(run=_inspect)
-    for name, text in GENERATE.items():  # listed for --help; ldm.generate parses their flags
+    for name, text in {**GENERATE, **SPECIAL}.items():  # listed for --help; their own modules parse their flags
         sub.add_parser(name, help=text, add_help=False)
     return parser
 
@@ -42,6 +46,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "steps":
         from .filmstrip import main as steps
         return steps(argv[1:])
+    if argv and argv[0] in SPECIAL:
+        from .special_run import main as special  # the same code as tools/inpaint.py, depth2img.py, upscale.py
+        return special(argv[0], argv[1:])
     if argv and argv[0] in GENERATE:
         from .generate import main as generate  # the same code as tools/txt2img.py and tools/img2img.py
         return generate(argv[0], argv[1:])

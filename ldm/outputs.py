@@ -45,22 +45,26 @@ def run_settings(command: str, args, plan: RunPlan, model: LatentDiffusion) -> d
         "compile": args.compile,
         "ldm_version": _version("ldm"), "torch_version": torch.__version__,
     }
-    if plan.init is None:
+    if command == "txt2img":
         settings["fixed_code"] = args.fixed_code
-    else:
-        settings.update(strength=args.strength, t_enc=strength_to_steps(args.strength, args.ddim_steps),
-                        init_image=str(args.init_img), init_image_sha256=plan.init.sha256)
+    elif command == "img2img":
+        settings.update(strength=args.strength, t_enc=strength_to_steps(args.strength, args.ddim_steps))
+    if plan.init is not None:
+        settings.update(init_image=str(args.init_img), init_image_sha256=plan.init.sha256)
     return settings
 
 
 class SampleWriter:
-    """Saves samples as they come and the grid at the end, each with its settings."""
+    """Saves samples as they come and the grid at the end, each with its settings. `settings` and `infotext`:
+    what a command adds to the `ldm` JSON and to the A1111 `parameters` line (the special commands)."""
 
-    def __init__(self, command: str, args, plan: RunPlan, model: LatentDiffusion):
+    def __init__(self, command: str, args, plan: RunPlan, model: LatentDiffusion, settings: Optional[dict] = None,
+                 infotext: Optional[dict] = None):
         self.args, self.outdir = args, Path(args.outdir)
-        self.base = run_settings(command, args, plan, model)
+        self.base = {**run_settings(command, args, plan, model), **(settings or {})}
         self.sampler_label = plan.spec.a1111_name  # as A1111's infotext writes it
-        self.extra = {"Denoising strength": args.strength} if plan.init is not None else {}
+        self.extra = {"Denoising strength": args.strength} if command == "img2img" else {}
+        self.extra.update(infotext or {})
         if args.seed_mode != "original":
             self.extra["Seed mode"] = args.seed_mode
         self.images: list[np.ndarray] = []
