@@ -67,13 +67,14 @@ def depth_display(depth: torch.Tensor) -> np.ndarray:
     return ((d - d.min()) / (d.max() - d.min())).cpu().numpy().__mul__(255.).astype(np.uint8)
 
 
-def normalize_depth(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """c_concat: the depth resized bicubic to `size`, then 2 (d - min) / (max - min) - 1 per sample."""
+def normalize_depth(depth: torch.Tensor, size: tuple[int, int], eps: float = 0.0) -> torch.Tensor:
+    """c_concat: the depth resized bicubic to `size`, then 2 (d - min) / (max - min + eps) - 1 per sample.
+    eps 0 is the depth2img scripts'; `LatentDepth2ImageDiffusion.get_input` (training) adds 0.001."""
     cc = F.interpolate(depth.float(), size=size, mode="bicubic", align_corners=False)
     lo, hi = torch.amin(cc, dim=[1, 2, 3], keepdim=True), torch.amax(cc, dim=[1, 2, 3], keepdim=True)
-    if bool((hi == lo).any()):
+    if not eps and bool((hi == lo).any()):
         raise NonFiniteError("the depth map is flat (one value everywhere): it cannot be normalised to [-1, 1]")
-    return 2. * (cc - lo) / (hi - lo) - 1.
+    return 2. * (cc - lo) / (hi - lo + eps) - 1.
 
 
 def depth_t_enc(strength: float, steps: int) -> int:

@@ -72,3 +72,46 @@ def test_x4_low_scale_noise_augmentation():
     x, level = aug(f["x_low"], generator=torch.Generator().manual_seed(107))
     assert torch.equal(level, f["random_noise_level"])
     close(x, f["x_aug_random_level"], 1e-6)
+
+
+def test_depth_conditioning():
+    """The original LatentDepth2ImageDiffusion.get_input with a fixed depth: bicubic to the latent size, then
+    per sample to [-1, 1]; the class method's epsilon 0.001 is an option (the e2e scripts have none)."""
+    from ldm.depth import normalize_depth
+    from ldm.pipeline import encode_image
+
+    f, model = tensors("sd2_depth_tiny", "depth_conditioning"), special_model("sd2_depth_tiny")
+    images = f["jpg_bhwc"].permute(0, 3, 1, 2)
+    z = encode_image(model, images, torch.Generator().manual_seed(113))
+    close(z, f["z"], 1e-5)
+    resized = torch.nn.functional.interpolate(f["depth"], size=(32, 32), mode="bicubic", align_corners=False)
+    close(resized, f["depth_resized"], 1e-6)
+    close(normalize_depth(f["depth"], (32, 32), eps=0.001), f["c_concat"], 1e-6)
+    # without the epsilon (the scripts): the wide 16-bit map barely moves, the narrow one by ~3e-4
+    assert (normalize_depth(f["depth"], (32, 32))[0] - f["c_concat"][0]).abs().max() < 1e-5
+
+
+def test_midas_input_is_addmidas():
+    """AddMiDaS('dpt_hybrid'): 'minimal' resize toward 384 keeping the aspect, multiples of 32, bicubic."""
+    from ldm.depth import estimate_depth, midas_input, midas_size
+
+    assert midas_size(64, 64) == (384, 384) and midas_size(512, 512) == (384, 384)
+    assert midas_size(512, 768) == (384, 576) and midas_size(768, 512) == (576, 384)
+    assert midas_size(400, 1000) == (384, 960)
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    m = midas_input(x)
+    assert m.shape == (1, 3, 256, 384) and m.min() >= -1.2 and m.max() <= 1.2  # the scale nearer 1: 384 / 96
+
+    class Stub(torch.nn.Module):  # the depth model's contract: [-1, 1] images in, [B, 1, H, W] out
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, images):
+            self.seen = images
+            return images.mean(1, keepdim=True) * self.w
+
+    model = special_model("sd2_depth_tiny")
+    model.depth_model = Stub()
+    depth = estimate_depth(model, x)
+    assert depth.shape == (1, 1, 256, 384) and torch.equal(model.depth_model.seen, m)
