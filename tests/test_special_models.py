@@ -100,7 +100,7 @@ def test_midas_input_is_addmidas():
     assert midas_size(400, 1000) == (384, 960)
     x = torch.rand(1, 3, 64, 96) * 2 - 1
     m = midas_input(x)
-    assert m.shape == (1, 3, 256, 384) and m.min() >= -1.2 and m.max() <= 1.2  # the scale nearer 1: 384 / 96
+    assert m.shape == (1, 3, 256, 384)  # the scale nearer 1: 384 / 96 (bicubic overshoots [-1, 1], as cv2)
 
     class Stub(torch.nn.Module):  # the depth model's contract: [-1, 1] images in, [B, 1, H, W] out
         def __init__(self):
