@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,8 +20,17 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def _schedule(layout: dict) -> dict:
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return {"betas": betas.float(), "alphas_cumprod": torch.cumprod(1 - betas, 0).float()}
+    """The real noise schedule: SD's, or the x4 upscaler's (its model and its low-res noise augmentation)."""
+    upscaler = "Upscale" in layout.get("model_class", "") or any(k.startswith("low_scale_model.") for k in layout["keys"])
+    start, end = (0.0001, 0.02) if upscaler else (0.00085, 0.012)
+    betas = torch.linspace(start ** 0.5, end ** 0.5, 1000, dtype=torch.float64) ** 2
+    out = {"betas": betas.float(), "alphas_cumprod": torch.cumprod(1 - betas, 0).float()}
+    if upscaler:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from models.upscaling import _schedule as low_scale_schedule
+
+        out.update({f"low_scale_model.{k}": v for k, v in low_scale_schedule(0.0001, 0.02, 1000).items()})
+    return out
 
 
 def random_state(layout: dict, dtype: torch.dtype, seed: int = 0, ema: bool = False) -> dict:
