@@ -243,3 +243,16 @@ def test_txt2img_with_an_inpainting_file_names_the_command(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "is a sd2_inpaint checkpoint" in err and "`python -m ldm inpaint` (tools/inpaint.py)" in err
+
+
+def test_steps_filmstrip_of_a_special_command(tmp_path, capsys):
+    from ldm import cli
+
+    capsys.readouterr()
+    code = cli.main(["steps", "upscale", *ckpt("x4_upscaler_tiny"), "--init-img", str(INPUTS / "lowres.png"),
+                     "--ddim_steps", "10", "--every", "4", "--device", "cpu", "--outdir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "steps shown: [0, 4, 8, 9]" in out
+    s = read_settings(tmp_path / "steps-0000.png")
+    assert (s["of"], s["f"], s["H"]) == ("upscale", 4, 128)
