@@ -9,7 +9,8 @@
 
 Draws from the torch generator, per batch (the script's `seed_everything` order): the init image's posterior
 sample, the stochastic-encode noise (or, at strength 1, the starting noise), then the sampler's noise.
-Defaults are the gradio script's: DDIM, 50 steps, scale 9.0, strength 0.9, eta 0.0.
+Defaults are the gradio script's: DDIM, 50 steps, scale 9.0, strength 0.9, eta 0.0 (another sampler:
+its own eta).
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ from samplers.noise import Generators, noise_like
 from samplers.registry import resolve_sampler
 from samplers.spaces import start_for
 
-from .inpainting import require
+from .inpainting import require, sampler_options
 from .loading import LatentDiffusion
-from .pipeline import (NonFiniteError, Prompts, _batch, _checked, _denoiser, _options, decode, encode_image,
-                       make_generators)
+from .pipeline import NonFiniteError, Prompts, _batch, _checked, _denoiser, decode, encode_image, make_generators
 
 FAMILIES = ("sd2_depth",)
 MIDAS_SIZE, MIDAS_MULTIPLE = 384, 32  # AddMiDaS('dpt_hybrid'): Resize(384, 384, keep_aspect_ratio, 'minimal', 32)
@@ -92,13 +92,14 @@ def depth_t_enc(strength: float, steps: int) -> int:
 def depth2img_steps(model: LatentDiffusion, image: torch.Tensor, prompt: Prompts, *,
                     depth: Optional[torch.Tensor] = None, strength: float = 0.9, negative_prompt: Prompts = "",
                     n_samples: int = 1, steps: int = 50, sampler: str = "ddim", schedule: Optional[str] = None,
-                    scale: float = 9.0, eta: float = 0.0, generator: Generators = None) -> Iterator[Step]:
+                    scale: float = 9.0, eta: Optional[float] = None,
+                    generator: Generators = None) -> Iterator[Step]:
     """The sampler's steps re-rendering `image` ((1 or n, 3, H, W) in [-1, 1]) with its depth kept.
 
     depth: the raw depth (larger = nearer), [1 or n, 1, H', W'] of any size; None: `estimate_depth`."""
     require(model, FAMILIES, "depth2img")
     spec = resolve_sampler(sampler, schedule)
-    options = _options(spec, eta)
+    options = sampler_options(model, spec, eta)
     t_enc = depth_t_enc(strength, steps)
     n = n_samples
     z = encode_image(model, image.float().expand(n, *image.shape[1:]), generator)

@@ -41,12 +41,12 @@ def require(model: LatentDiffusion, families: tuple[str, ...], what: str) -> Non
         raise ValueError(f"{what} needs a {' or '.join(families)} checkpoint; this one is {model.family}")
 
 
-def defaults(model: LatentDiffusion, sampler: str, scale: Optional[float], eta: Optional[float]) -> tuple[float, float]:
-    """(scale, eta) with the family script's values where not given; eta only for samplers that take one."""
-    spec = resolve_sampler(sampler)
-    if eta is None:
-        eta = ETA.get(model.family, 0.0) if spec.takes("eta") else 0.0
-    return (SCALE.get(model.family, 7.5) if scale is None else scale), eta
+def sampler_options(model: LatentDiffusion, spec, eta: Optional[float]) -> dict:
+    """The sampler's options for `eta`: as given, or when None the family script's for DDIM (the scripts'
+    sampler: 1.0 for SD 1.5 inpainting, else 0.0) and the sampler's own default for any other."""
+    if eta is None and spec.name == "ddim":
+        eta = ETA.get(model.family, 0.0)
+    return {} if eta is None else _options(spec, eta)
 
 
 def binarize(mask: torch.Tensor) -> torch.Tensor:
@@ -81,11 +81,11 @@ def inpaint_steps(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tenso
 
     image: (1 or n, 3, H, W) in [-1, 1], H and W multiples of the VAE's factor; mask: (1 or n, 1, H, W) in
     [0, 1]. x_T: unit start noise (the scripts' numpy one: `NumpyStartCodes(seed, n).draw(shape)`; drawn
-    from `generator` when not given). scale, eta: None for the family script's defaults."""
+    from `generator` when not given). scale, eta: None for the family script's defaults (`sampler_options`)."""
     require(model, FAMILIES, "inpaint")
-    scale, eta = defaults(model, sampler, scale, eta)
+    scale = SCALE.get(model.family, 7.5) if scale is None else scale
     spec = resolve_sampler(sampler, schedule)
-    options = _options(spec, eta)
+    options = sampler_options(model, spec, eta)
     n = n_samples
     if x_T is None:
         from samplers.noise import randn

@@ -60,7 +60,8 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     a("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
       help="what to steer away from: replaces the empty prompt of classifier-free guidance")
     a("--init-img", "--init_img", dest="init_img",
-      help="the image to upscale (any size)" if command == "upscale" else "the input image (sides cut to multiples of 8)")
+      help="the image to upscale (any size)" if command == "upscale"
+      else "the input image (sides cut to multiples of 8)")
     if command == "inpaint":
         a("--mask", help="mask image, white = repaint (L image / 255 >= 0.5); resized to the image if needed")
         a("--mask-from-alpha", "--mask_from_alpha", dest="mask_from_alpha", action="store_true",
@@ -195,8 +196,8 @@ def validate(command: str, args) -> SpecialPlan:
 
 def checker(plan: SpecialPlan):
     """`check(model, args)` for runtime.load_for_run: the kind again (a --config may say otherwise), the sizes
-    against the model's factor, and the family script's defaults for what the flags left open (eta 0 where
-    the script has none: depth2img and upscale)."""
+    against the model's factor, and the family script's defaults for what the flags left open (DDIM's eta:
+    1.0 for SD 1.5 inpainting, else 0.0; another sampler without --ddim_eta keeps its own default)."""
     from .inpainting import ETA, SCALE
 
     command = plan.command
@@ -212,7 +213,6 @@ def checker(plan: SpecialPlan):
                 raise UsageError(f"the image is {w}x{h}; this model's VAE needs sides that are multiples of {f}")
         if args.scale is None:
             args.scale = SCALE.get(model.family, 7.5)
-        if args.ddim_eta is None:
-            takes = check_sampler(args).takes("eta")
-            args.ddim_eta = ETA.get(model.family, 0.0) if takes and command == "inpaint" else 0.0
+        if args.ddim_eta is None and plan.spec.name == "ddim":  # other samplers keep their own default
+            args.ddim_eta = ETA.get(model.family, 0.0)
     return check

@@ -10,7 +10,8 @@
 
 Draws from the torch generator, per batch: the augmentation noise (`randn_like(lr)`, in the (h, w, c) order
 of the script's channels-last lr), then the sampler's.
-Defaults are the gradio script's: DDIM, 75 steps, scale 10, eta 0.0, noise level 20.
+Defaults are the gradio script's: DDIM, 75 steps, scale 10, eta 0.0 (another sampler: its own eta), noise
+level 20.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from samplers.noise import Generators, randn
 from samplers.registry import resolve_sampler
 from samplers.spaces import start_for
 
-from .inpainting import require
+from .inpainting import require, sampler_options
 from .loading import LatentDiffusion
-from .pipeline import (NumpyStartCodes, Prompts, _batch, _checked, _denoiser, _options, decode, make_generators)
+from .pipeline import NumpyStartCodes, Prompts, _batch, _checked, _denoiser, decode, make_generators
 
 FAMILIES = ("x4_upscaler",)
 NOISE_LEVEL, STEPS, SCALE = 20, 75, 10.0
@@ -69,14 +70,14 @@ def upscale_conditioning(model: LatentDiffusion, image: torch.Tensor, n: int, no
 @torch.no_grad()
 def upscale_steps(model: LatentDiffusion, image: torch.Tensor, prompt: Prompts, *, noise_level: int = NOISE_LEVEL,
                   negative_prompt: Prompts = "", n_samples: int = 1, steps: int = STEPS, sampler: str = "ddim",
-                  schedule: Optional[str] = None, scale: float = SCALE, eta: float = 0.0,
+                  schedule: Optional[str] = None, scale: float = SCALE, eta: Optional[float] = None,
                   generator: Generators = None, x_T: Optional[torch.Tensor] = None) -> Iterator[Step]:
     """The sampler's steps of a 4x upscale of `image` ((1 or n, 3, h, w) in [-1, 1]); the last `x_next` is the
     latent (h x w, decoding to 4h x 4w). x_T: unit start noise (the script's numpy one:
     `NumpyStartCodes(seed, n).draw((n, 4, h, w))`; drawn from `generator` when not given)."""
     require(model, FAMILIES, "upscale")
     spec = resolve_sampler(sampler, schedule)
-    options = _options(spec, eta)
+    options = sampler_options(model, spec, eta)
     n = n_samples
     if x_T is None:
         x_T = randn((n, model.config.vae.embed_dim, *image.shape[-2:]), generator)

@@ -96,8 +96,8 @@ def test_the_upscaler_through_the_python_api():
     image, _ = load_image(INPUTS / "lowres.png", multiple=1)
     x_T = pipeline.NumpyStartCodes(33, 1).draw((1, 4, 32, 32))
     assert torch.equal(x_T, f["x_T"])
-    steps = list(pipeline.upscale_steps(model, image, prompt, noise_level=20, generator=torch.Generator().manual_seed(33),
-                                        x_T=x_T))
+    g = torch.Generator().manual_seed(33)
+    steps = list(pipeline.upscale_steps(model, image, prompt, noise_level=20, generator=g, x_T=x_T))
     assert len(steps) == 77 and [s.t for s in steps[:2]] == [989, 976]
     assert rel(steps[-1].x_next, f["samples"]) <= 1e-4
     assert rel(pipeline.decode(model, steps[-1].x_next), f["decoded"]) <= 1e-4
@@ -109,7 +109,8 @@ def test_tools_scripts_and_the_module_entry(tmp_path):
     name = "x4_upscaler_tiny"
     base = ckpt(name) + ["--init-img", INPUTS / "lowres.png", "--ddim_steps", 2, "--seed", 5, "--device", "cpu",
                          "--skip_grid", "--prompt", "a toy"]
-    entries = {"tool": [sys.executable, ROOT / "tools" / "upscale.py"], "module": [sys.executable, "-m", "ldm", "upscale"]}
+    entries = {"tool": [sys.executable, ROOT / "tools" / "upscale.py"],
+               "module": [sys.executable, "-m", "ldm", "upscale"]}
     for out, entry in entries.items():
         r = subprocess.run([*map(str, entry), *map(str, base), "--outdir", str(tmp_path / out)], capture_output=True,
                            text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
@@ -202,7 +203,8 @@ def _bad_inputs(tmp: Path) -> list:
         ("inpaint", inpaint + ["--mask", mask, "--seed", 2 ** 32], "--seed 4294967296"),
         ("inpaint", ckpt("x4_upscaler_tiny") + ["--init-img", init, "--mask", mask],
          "is a x4_upscaler checkpoint; inpaint needs an inpainting checkpoint"),
-        ("depth2img", depth2img + ["--depth-map", tmp / "rgb.png"], "is a RGB image; --depth-map takes an 8- or 16-bit"),
+        ("depth2img", depth2img + ["--depth-map", tmp / "rgb.png"],
+         "is a RGB image; --depth-map takes an 8- or 16-bit"),
         ("depth2img", depth2img + ["--depth-map", tmp / "flat.png"], "holds one value everywhere"),
         ("depth2img", depth2img + ["--depth-map", depth, "--strength", 1.5], "--strength 1.5: must be in [0.0, 1.0]"),
         ("depth2img", depth2img + ["--depth-map", depth, "--strength", -0.1], "--strength -0.1"),
@@ -256,3 +258,13 @@ def test_steps_filmstrip_of_a_special_command(tmp_path, capsys):
     assert "steps shown: [0, 4, 8, 9]" in out
     s = read_settings(tmp_path / "steps-0000.png")
     assert (s["of"], s["f"], s["H"]) == ("upscale", 4, 128)
+
+
+def test_other_samplers_keep_their_own_eta(tmp_path, capsys):
+    """Only DDIM takes the script's eta by default (SD 1.5 inpainting: 1.0): PLMS must have 0, euler_a its 1."""
+    base = ckpt("sd15_inpaint_tiny") + ["--init-img", INPUTS / "init.png", "--mask", INPUTS / "mask.png",
+                                        "--ddim_steps", 2, "--device", "cpu", "--skip_grid"]
+    for sampler in ("plms", "euler_a"):
+        code, _, err = run(capsys, "inpaint", base + ["--sampler", sampler, "--outdir", tmp_path / sampler])
+        assert code == 0, err
+        assert read_settings(tmp_path / sampler / "samples" / "00000.png")["eta"] is None
