@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from weights.errors import CheckpointError, PathLike
+from weights.pickle_limits import MAX_TENSORS
 from weights.safe_pickle import load_torch_file, sniff
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -28,11 +29,14 @@ _ST_DTYPES = {
         ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
         ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
         ("BOOL", "bool"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("C64", "complex64"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"), ("C64", "complex64"),
     ]
     if hasattr(torch, attr)
 }
 _MAX_HEADER = 100_000_000  # the safetensors format's own limit; a larger "length" means not safetensors
+_JSON_SPACE = b" \t\n\r"  # what may precede the header's "{" (the library accepts it)
+_INT64 = 2**63
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ def _checked_path(path: PathLike) -> str:
 def _looks_like_safetensors(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER and head[8:9] == b"{"
+    return len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER and head[8:9] in (b"{", *[
+        bytes([c]) for c in _JSON_SPACE])
 
 
 def _not_a_checkpoint(path: str) -> CheckpointError:
@@ -82,55 +87,112 @@ def _not_a_checkpoint(path: str) -> CheckpointError:
     return CheckpointError(what, path)
 
 
-def _parse_safetensors(path: str) -> tuple[dict[str, _Entry], dict, int, int]:
-    """(entries, __metadata__, data start, file size), every offset checked against the file size."""
+# ---------------------------------------------------------------- safetensors
+#
+# The safetensors library decides what a valid file is: `safe_open` validates the header in Rust (JSON
+# syntax and types, a known dtype, sizes that match the shapes, data ranges that tile the data section
+# with no overlap, gap or trailing byte). Its verdict is ours, and the layout (keys in offset order,
+# shapes, dtypes, metadata) is read from it too, so there is no second JSON parser to disagree with it;
+# the tensors are then views into a private mapping of the file (zero-copy), placed by that layout. Three
+# refusals are ours alone, for files the library accepts: a dtype with no whole-byte torch type (F4,
+# F6_E2M3, F6_E3M2: packed sub-byte floats), a shape whose element count or strides overflow torch's
+# int64 (only possible with a zero-sized dimension beside a huge one), and more than MAX_TENSORS tensors
+# (100,000: each costs ~1 KB of objects, so a 100 MB header of empty tensors would cost gigabytes).
+
+
+@dataclass(frozen=True)
+class _Layout:
+    entries: dict[str, _Entry]
+    metadata: dict[str, str]
+    data_start: int
+    size: int
+
+
+def _library_refusal(path: str) -> str | None:
+    """None when `safetensors.safe_open` accepts the file, else its reason in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            return None
+    except SafetensorError as e:
+        return str(e).replace("Error while deserializing header: ", "").strip() or "refused by safetensors"
+    except BaseException as e:  # pyo3's PanicException derives from BaseException
+        if type(e).__name__ != "PanicException":
+            raise
+        return f"the safetensors library failed on its header ({str(e).splitlines()[0][:150] if str(e) else 'panic'})"
+
+
+def _layout(path: str) -> _Layout:
+    """The layout of a file the library accepted, as the library reads it."""
+    from safetensors import safe_open
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+    with safe_open(path, framework="pt") as f:
+        if len(f.keys()) > MAX_TENSORS:
+            raise CheckpointError(f"refusing to load: it holds {len(f.keys()):,} tensors, more than the "
+                                  f"{MAX_TENSORS:,} this reader takes (an SD checkpoint has a few thousand)", path)
+        metadata = dict(f.metadata() or {})
+        keys = f.offset_keys() if hasattr(f, "offset_keys") else None
+        specs = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    if keys is None:  # safetensors < 0.5: order by the header's offsets
+        with open(path, "rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(data_start - 8).decode("utf-8"))
+        keys = sorted(specs, key=lambda k: _offsets(header[k]))
+    entries, begin = {}, 0
+    for key in keys:
+        dtype_name, shape = specs[key]
+        dtype = _ST_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CheckpointError(f"tensor '{key}' has dtype {dtype_name}, which this reader does not support "
+                                  "(torch has no whole-byte type for it)", path)
+        strides = _contiguous_strides(shape)
+        if max(shape, default=0) >= _INT64 or (strides and strides[0] * max(shape[0], 1) >= _INT64):
+            raise CheckpointError(f"tensor '{key}' has shape {list(shape)}, too large for a torch tensor", path)
+        end = begin + math.prod(shape) * dtype.itemsize
+        entries[key] = _Entry(dtype, shape, begin, end)
+        begin = end
+    if data_start + begin != size:  # the library checked this; a disagreement is a bug, not a file to read
+        raise CheckpointError(f"corrupt safetensors file (its tensors cover {begin:,} bytes of a "
+                              f"{size - data_start:,}-byte data section)", path)
+    return _Layout(entries, metadata, data_start, size)
+
+
+def _offsets(info: object) -> tuple[int, int]:
+    """data_offsets of a header entry in either form serde accepts (an object or a [dtype, shape,
+    offsets] array)."""
+    offsets = info["data_offsets"] if isinstance(info, dict) else info[2]
+    return int(offsets[0]), int(offsets[1])
+
+
+def _explain_refusal(path: str, reason: str) -> CheckpointError:
+    """The library's refusal, in the friendlier words of the common cases (a cut-short download)."""
     size = os.path.getsize(path)
     if size < 8:
-        raise CheckpointError(f"truncated file ({size} bytes, shorter than the safetensors header "
-                              "length); download it again", path)
+        return CheckpointError(f"truncated file ({size} bytes, shorter than the safetensors header length); "
+                               "download it again", path)
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         if n > _MAX_HEADER:
-            raise _not_a_checkpoint(path)
+            return _not_a_checkpoint(path)
         if 8 + n > size:
-            if f.read(1) == b"{":
-                raise CheckpointError(f"truncated file (the header alone needs {8 + n} bytes, the file has "
-                                      f"{size}); download it again", path)
-            raise _not_a_checkpoint(path)
+            if f.read(1) in (b"{", *[bytes([c]) for c in _JSON_SPACE]):
+                return CheckpointError(f"truncated file (the header alone needs {8 + n} bytes, the file has "
+                                       f"{size}); download it again", path)
+            return _not_a_checkpoint(path)
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise _not_a_checkpoint(path) from None
-    if not isinstance(header, dict):
-        raise CheckpointError("corrupt safetensors header (not a JSON object); download it again", path)
-    metadata = header.pop("__metadata__", None) or {}
-    data_start, data_len = 8 + n, size - 8 - n
-    entries = {}
-    for key, info in header.items():
-        entries[key] = _entry(key, info, data_len, path)
-    return entries, metadata, data_start, size
-
-
-def _entry(key: str, info: object, data_len: int, path: str) -> _Entry:
-    try:
-        dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        shape = tuple(int(s) for s in shape)
-        begin, end = int(begin), int(end)
-    except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"corrupt safetensors header entry for '{key}': {info!r}", path) from None
-    if dtype_name not in _ST_DTYPES:
-        raise CheckpointError(f"tensor '{key}' has dtype {dtype_name}, which this reader does not support",
-                              path)
-    dtype = _ST_DTYPES[dtype_name]
-    nbytes = math.prod(shape) * dtype.itemsize
-    if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes:
-        raise CheckpointError(f"corrupt safetensors header: '{key}' {dtype_name}{list(shape)} needs {nbytes} "
-                              f"bytes but its offsets span {end - begin}; download it again", path)
-    if end > data_len:
-        raise CheckpointError(f"truncated file (tensor '{key}' ends at data byte {end}, the file holds "
-                              f"{data_len}); download it again", path)
-    return _Entry(dtype, shape, begin, end)
+        header = json.loads(raw.decode("utf-8"), parse_int=lambda s: int(s) if len(s) < 100 else math.inf)
+        ends = [_offsets(v)[1] for k, v in header.items() if k != "__metadata__"]
+    except Exception:
+        ends = []
+    if ends and all(isinstance(e, int) for e in ends) and max(ends) > size - 8 - n:
+        return CheckpointError(f"truncated file (a tensor ends at data byte {max(ends):,}, the file holds "
+                               f"{size - 8 - n:,}); download it again", path)
+    return CheckpointError(f"corrupt safetensors header ({reason}); download it again", path)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -142,11 +204,12 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    entries, _, data_start, size = _parse_safetensors(path)
+    layout = _layout(path)
+    data_start = layout.data_start
     # shared=False maps the file MAP_PRIVATE: pages load on first touch, writes never reach the file.
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=layout.size)
     out = {}
-    for key, e in entries.items():
+    for key, e in layout.entries.items():
         start = data_start + e.begin
         # One storage per tensor (a view into the mapping, as torch.load(mmap=True) makes them), so
         # torch.save and safetensors see separate tensors rather than one buffer read as many dtypes.
@@ -161,6 +224,26 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_tensor(key: str, t: torch.Tensor, path: str) -> None:
+    """A loaded tensor must lie inside its storage and have no more elements than it: official checkpoints
+    never hold anything else, and a stride-0 "expanded" giant over a tiny storage costs its full size the
+    first time anything clones it. (The pickle scan refuses these before loading; this is the last word
+    on what leaves the reader.)"""
+    if t.layout != torch.strided or t.is_quantized:
+        raise CheckpointError(f"tensor '{key}' is {t.layout} / quantized, not a plain dense tensor", path)
+    size, stride = t.shape, t.stride()
+    if t.storage_offset() < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise CheckpointError(f"tensor '{key}' has a negative size, stride or offset", path)
+    numel = t.numel()
+    if not numel:
+        return
+    capacity = t.untyped_storage().nbytes() // t.element_size()
+    span = t.storage_offset() + sum((n - 1) * st for n, st in zip(size, stride)) + 1
+    if span > capacity or numel > capacity:
+        raise CheckpointError(f"refusing to load: tensor '{key}' {list(size)} (strides {list(stride)}) claims "
+                              f"{max(span, numel):,} elements of a storage that holds {capacity:,}", path)
+
+
 def _state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"top level is a {type(obj).__name__}, not a dict of tensors", path)
@@ -169,6 +252,7 @@ def _state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         if isinstance(k, str) and isinstance(v, torch.Tensor):
+            _check_tensor(k, v, path)
             out[k] = v.detach() if isinstance(v, torch.nn.Parameter) else v
     if not out:
         raise CheckpointError("contains no tensors (no state_dict and no tensor entries)", path)
@@ -176,7 +260,11 @@ def _state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
 
 
 def _kind(path: str) -> str:
-    """'safetensors' or 'torch', from the content (renamed files are common), else an error."""
+    """'safetensors' or 'torch', from the content (renamed files are common), else an error. A file is
+    safetensors when the safetensors library accepts it; one it refuses is explained here."""
+    refusal = _library_refusal(path)
+    if refusal is None:
+        return "safetensors"
     sniffed = sniff(path)
     if sniffed in ("zip", "pickle"):
         if path.lower().endswith(".safetensors"):
@@ -185,7 +273,7 @@ def _kind(path: str) -> str:
                                   path)
         return "torch"
     if _looks_like_safetensors(path) or (path.lower().endswith(".safetensors") and os.path.getsize(path) < 9):
-        return "safetensors"
+        raise _explain_refusal(path, refusal)
     raise _not_a_checkpoint(path)
 
 
@@ -222,8 +310,7 @@ def read_header(path: PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]
     p = _checked_path(path)
     with _reading(p):
         if _kind(p) == "safetensors":
-            entries, *_ = _parse_safetensors(p)
-            return {k: (e.shape, e.dtype) for k, e in entries.items()}
+            return {k: (e.shape, e.dtype) for k, e in _layout(p).entries.items()}
         return {k: (tuple(t.shape), t.dtype) for k, t in _state_dict(load_torch_file(p), p).items()}
 
 
@@ -231,4 +318,4 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     """The `__metadata__` of a safetensors file ({} for pickles, which have none)."""
     p = _checked_path(path)
     with _reading(p):
-        return dict(_parse_safetensors(p)[1]) if _kind(p) == "safetensors" else {}
+        return _layout(p).metadata if _kind(p) == "safetensors" else {}
