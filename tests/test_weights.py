@@ -99,6 +99,52 @@ def test_safetensors_misaligned_tensor_is_read_correctly(tmp_path):
     assert torch.equal(ours["b"], load_file(path)["b"])
 
 
+@pytest.mark.parametrize("text", [
+    ' \n{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',  # whitespace before the object
+    '{"a":["F32",[2],[0,8]]}',  # an entry as an array: serde reads a struct from a sequence
+    '{"a":{"dtype":{"F32":null},"shape":[2],"data_offsets":[0,8],"extra":[1,{"x":null}]}}',
+    '{"a":{"dtype":"I8","shape":[3],"data_offsets":[0,3]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+])
+def test_safetensors_reads_what_the_library_reads(tmp_path, text):
+    """Headers the safetensors library accepts in forms a hand-written reader would not expect: ours reads
+    them as it does (the library decides validity and gives the layout)."""
+    path = tmp_path / "quirk.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + struct.pack("<2f", 1.5, -2.0))
+    ours, ref = read_checkpoint(path), load_file(path)
+    assert ours.keys() == ref.keys() == {"a"} and torch.equal(ours["a"], ref["a"])
+    assert read_header(path) == {"a": ((2,), torch.float32)}
+
+
+def test_safetensors_whose_length_reads_as_a_pickle(tmp_path):
+    """A header of 640 bytes starts the file with 0x80 0x02, a pickle's first bytes: still safetensors."""
+    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"note": ""}}
+    text = json.dumps(header)
+    header["__metadata__"]["note"] = "x" * (640 - len(text))
+    raw = json.dumps(header).encode()
+    assert len(raw) == 640 and struct.pack("<Q", 640)[:2] == b"\x80\x02"
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(struct.pack("<Q", 640) + raw + struct.pack("<2f", 1.0, 2.0))
+    assert read_checkpoint(path)["w"].tolist() == [1.0, 2.0]
+    assert read_metadata(path)["note"] == "x" * (640 - len(text))
+
+
+@pytest.mark.parametrize("header, size, words", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, ["invalid offset"]),  # overlapping
+    ('{"a":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,8]}}', 8, ["invalid JSON"]),
+    # the library accepts packed 4-bit floats; torch has no whole-byte type for them
+    ({"a": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, 2, ["dtype F4", "does not support"]),
+])
+def test_safetensors_refusals_are_one_line(tmp_path, header, size, words):
+    path = tmp_path / "bad.safetensors"
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(size))
+    for read in (read_checkpoint, read_header, read_metadata):
+        with pytest.raises(CheckpointError) as e:
+            read(path)
+        assert_one_line_naming(e, path, *words)
+
+
 @needs_proc_maps
 def test_safetensors_tensors_are_views_of_a_file_mapping(tmp_path):
     path = tmp_path / "copy.safetensors"

@@ -1,8 +1,15 @@
 """Reading a checkpoint file into a flat `{key: tensor}` dict, whatever format it came in.
 
 `.safetensors` files are memory-mapped: the returned tensors are views into one private (copy-on-
-write) mapping of the file, so a 4 GB checkpoint costs page cache, not a second copy in memory.
-`.ckpt`/`.pt`/`.pth` pickles go through `weights.safe_pickle`, which refuses anything but tensors.
+write) mapping of the file, so a 4 GB checkpoint costs page cache, not a second copy in memory. What is
+a valid safetensors file is the safetensors library's decision (`safe_open`), layout included; see the
+note above `_Layout` for the three refusals that are ours alone.
+`.ckpt`/`.pt`/`.pth` pickles go through `weights.safe_pickle`, which refuses anything but tensors and any
+file that would make the read allocate more than the file holds; every tensor that leaves the reader
+lies inside its storage, with no more elements than the storage (no stride-0 "expanded" giants).
+
+Whatever goes wrong, the one exception that leaves `read_checkpoint`, `read_header` and `read_metadata`
+is a CheckpointError whose single line names the file (MemoryError and Ctrl-C pass through).
 """
 from __future__ import annotations
 
