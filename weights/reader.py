@@ -42,6 +42,7 @@ _ST_DTYPES = {
     if hasattr(torch, attr)
 }
 _MAX_HEADER = 100_000_000  # the safetensors format's own limit; a larger "length" means not safetensors
+MAX_HEADER_BYTES = 16 * 2**20  # ours: an SD checkpoint's header takes ~100-300 KB
 _JSON_SPACE = b" \t\n\r"  # what may precede the header's "{" (the library accepts it)
 _INT64 = 2**63
 
@@ -100,11 +101,15 @@ def _not_a_checkpoint(path: str) -> CheckpointError:
 # syntax and types, a known dtype, sizes that match the shapes, data ranges that tile the data section
 # with no overlap, gap or trailing byte). Its verdict is ours, and the layout (keys in offset order,
 # shapes, dtypes, metadata) is read from it too, so there is no second JSON parser to disagree with it;
-# the tensors are then views into a private mapping of the file (zero-copy), placed by that layout. Three
-# refusals are ours alone, for files the library accepts: a dtype with no whole-byte torch type (F4,
-# F6_E2M3, F6_E3M2: packed sub-byte floats), a shape whose element count or strides overflow torch's
-# int64 (only possible with a zero-sized dimension beside a huge one), and more than MAX_TENSORS tensors
-# (100,000: each costs ~1 KB of objects, so a 100 MB header of empty tensors would cost gigabytes).
+# the tensors are then views into a private mapping of the file (zero-copy), placed by that layout. Four
+# refusals are ours alone, for files the library accepts:
+# - a dtype with no whole-byte torch type (F4, F6_E2M3, F6_E3M2: packed sub-byte floats);
+# - a shape whose element count or strides overflow torch's int64 (only possible with a zero-sized
+#   dimension beside a huge one);
+# - a header over MAX_HEADER_BYTES (16 MB; the format allows 100 MB): the library parses it whole, and a
+#   95 MB header of empty tensors costs it 1.3 GB and 15 s (and aborts the process, uncatchably, when
+#   memory runs out);
+# - more than MAX_TENSORS tensors (100,000: each costs ~1 KB of Python and torch objects).
 
 
 @dataclass(frozen=True)
@@ -115,42 +120,48 @@ class _Layout:
     size: int
 
 
-def _library_refusal(path: str) -> str | None:
-    """None when `safetensors.safe_open` accepts the file, else its reason in one line."""
+def _safetensors(path: str) -> _Layout | str:
+    """The layout of a file `safetensors.safe_open` accepts, as the library reads it; else the library's
+    reason, in one line."""
     from safetensors import SafetensorError, safe_open
 
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    if MAX_HEADER_BYTES < n <= _MAX_HEADER:
+        # The library would parse it whole: ~14 bytes of memory per byte, for a header of tiny entries
+        if 8 + n <= size and head[8:9] in (b"{", *[bytes([c]) for c in _JSON_SPACE]):
+            raise CheckpointError(f"refusing to load: its safetensors header takes {n:,} bytes, over the "
+                                  f"{MAX_HEADER_BYTES // 2**20} MB this reader reads (an SD checkpoint's takes a "
+                                  "few hundred KB)", path)
+        return f"a header length of {n:,} bytes"
     try:
-        with safe_open(path, framework="pt"):
-            return None
+        with safe_open(path, framework="pt") as f:
+            keys = f.keys()
+            if len(keys) > MAX_TENSORS:
+                raise CheckpointError(f"refusing to load: it holds {len(keys):,} tensors, more than the "
+                                      f"{MAX_TENSORS:,} this reader takes (an SD checkpoint has a few thousand)", path)
+            metadata = dict(f.metadata() or {})
+            order = f.offset_keys() if hasattr(f, "offset_keys") else None
+            specs = {}
+            for k in keys:
+                piece = f.get_slice(k)
+                specs[k] = (piece.get_dtype(), tuple(piece.get_shape()))
     except SafetensorError as e:
         return str(e).replace("Error while deserializing header: ", "").strip() or "refused by safetensors"
     except BaseException as e:  # pyo3's PanicException derives from BaseException
         if type(e).__name__ != "PanicException":
             raise
         return f"the safetensors library failed on its header ({str(e).splitlines()[0][:150] if str(e) else 'panic'})"
-
-
-def _layout(path: str) -> _Layout:
-    """The layout of a file the library accepted, as the library reads it."""
-    from safetensors import safe_open
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-    with safe_open(path, framework="pt") as f:
-        if len(f.keys()) > MAX_TENSORS:
-            raise CheckpointError(f"refusing to load: it holds {len(f.keys()):,} tensors, more than the "
-                                  f"{MAX_TENSORS:,} this reader takes (an SD checkpoint has a few thousand)", path)
-        metadata = dict(f.metadata() or {})
-        keys = f.offset_keys() if hasattr(f, "offset_keys") else None
-        specs = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-    if keys is None:  # safetensors < 0.5: order by the header's offsets
+    data_start = 8 + n
+    if order is None:  # safetensors < 0.5: order by the header's offsets
         with open(path, "rb") as f:
             f.seek(8)
-            header = json.loads(f.read(data_start - 8).decode("utf-8"))
-        keys = sorted(specs, key=lambda k: _offsets(header[k]))
+            header = json.loads(f.read(n).decode("utf-8"))
+        order = sorted(specs, key=lambda k: _offsets(header[k]))
     entries, begin = {}, 0
-    for key in keys:
+    for key in order:
         dtype_name, shape = specs[key]
         dtype = _ST_DTYPES.get(dtype_name)
         if dtype is None:
@@ -210,8 +221,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    layout = _layout(path)
+def _read_safetensors(path: str, layout: _Layout) -> dict[str, torch.Tensor]:
     data_start = layout.data_start
     # shared=False maps the file MAP_PRIVATE: pages load on first touch, writes never reach the file.
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=layout.size)
@@ -266,21 +276,22 @@ def _state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _kind(path: str) -> str:
-    """'safetensors' or 'torch', from the content (renamed files are common), else an error. A file is
-    safetensors when the safetensors library accepts it; one it refuses is explained here."""
-    refusal = _library_refusal(path)
-    if refusal is None:
-        return "safetensors"
+def _kind(path: str) -> _Layout | None:
+    """The layout of a safetensors file, or None for a torch pickle, from the content (renamed files are
+    common); else an error. A file is safetensors when the safetensors library accepts it; one it
+    refuses is explained here."""
+    layout = _safetensors(path)
+    if isinstance(layout, _Layout):
+        return layout
     sniffed = sniff(path)
     if sniffed in ("zip", "pickle"):
         if path.lower().endswith(".safetensors"):
             # torch.load hands any *.safetensors path to the safetensors reader, whatever it holds
             raise CheckpointError("is a PyTorch pickle saved under a .safetensors name; rename it to .ckpt",
                                   path)
-        return "torch"
+        return None
     if _looks_like_safetensors(path) or (path.lower().endswith(".safetensors") and os.path.getsize(path) < 9):
-        raise _explain_refusal(path, refusal)
+        raise _explain_refusal(path, layout)
     raise _not_a_checkpoint(path)
 
 
@@ -306,8 +317,9 @@ def read_checkpoint(path: PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, `state_dict` unwrapped, non-tensor entries left out."""
     p = _checked_path(path)
     with _reading(p):
-        if _kind(p) == "safetensors":
-            return _read_safetensors(p)
+        layout = _kind(p)
+        if layout is not None:
+            return _read_safetensors(p, layout)
         return _state_dict(load_torch_file(p), p)
 
 
@@ -316,8 +328,9 @@ def read_header(path: PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]
     (memory-mapped, so tensor data is still not read)."""
     p = _checked_path(path)
     with _reading(p):
-        if _kind(p) == "safetensors":
-            return {k: (e.shape, e.dtype) for k, e in _layout(p).entries.items()}
+        layout = _kind(p)
+        if layout is not None:
+            return {k: (e.shape, e.dtype) for k, e in layout.entries.items()}
         return {k: (tuple(t.shape), t.dtype) for k, t in _state_dict(load_torch_file(p), p).items()}
 
 
@@ -325,4 +338,5 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     """The `__metadata__` of a safetensors file ({} for pickles, which have none)."""
     p = _checked_path(path)
     with _reading(p):
-        return _layout(p).metadata if _kind(p) == "safetensors" else {}
+        layout = _kind(p)
+        return {} if layout is None else layout.metadata
