@@ -4,7 +4,8 @@ The peak of a run is the larger of two activation peaks (the weights are already
 so the free memory read here excludes them):
 - the UNet on the guidance batch (2 n samples) at latent size: measured as 25-33 floats per latent pixel,
   per sample and per model channel, growing with the side (SD 1: 25.5 at 32x32, 29.6 at 64x64, 33.0 at
-  96x96; SD 2: 20.4 at 64x64; CPU float32, one forward);
+  96x96; SD 2: 20.4 at 64x64; CPU float32, one forward); the x4 upscaler, with no attention at its top
+  level, 11.2, 17.1 and 13.9 at 64, 128 and 256 (its latent is the low-res image);
 - the VAE decoding (or encoding) n images at full size: ~5.4 floats per image pixel per base channel
   (SD 1 at 512x512; 5.0 at 768x768), the 256/128-channel layers at full resolution. Tiled (--vae-tiling) it only
   ever holds one tile's worth.
@@ -23,6 +24,7 @@ import torch
 from models.config import ModelConfig
 
 UNET_FLOATS = 24  # per latent pixel, per sample in the guidance batch, per UNet model channel, plus the term below
+UNET_FLOATS_NO_TOP_ATTENTION = 18  # the same for a UNet without attention at its top level (x4 upscaler)
 VAE_FLOATS = 6  # per image pixel, per image, per VAE base channel
 OUTPUT_FLOATS = 9  # the decoded float image, its tile blend weights and the uint8 copy, per pixel
 
@@ -42,7 +44,10 @@ def estimate(cfg: ModelConfig, n: int, height: int, width: int, *, unet_itemsize
     """Peak activation bytes of sampling and of decoding `n` images of height x width."""
     f = cfg.vae.downsampling_factor
     latent = (height // f) * (width // f)
-    floats = UNET_FLOATS + math.sqrt(latent) / 8  # grows a little with size (measured at 32, 64, 96 latent)
+    if 1 in cfg.unet.attention_resolutions:  # a transformer at full latent size (SD): grows with the side
+        floats = UNET_FLOATS + math.sqrt(latent) / 8
+    else:  # the x4 upscaler: ResBlocks only at full size
+        floats = UNET_FLOATS_NO_TOP_ATTENTION
     unet = int(2 * n * latent * floats * cfg.unet.model_channels * unet_itemsize)
     pixels = height * width
     decoded = pixels if vae_tile is None else min(pixels, (vae_tile * f) ** 2)

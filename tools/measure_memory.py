@@ -36,12 +36,13 @@ def measure(what: str, family: str, batch: int, size: int) -> dict:
     with torch.no_grad():
         if what == "unet":  # size is the latent side; the guidance batch is `batch`
             net = UNetModel(cfg.unet).eval()
-            x, t = torch.randn(batch, 4, size, size), torch.full((batch,), 500)
+            x, t = torch.randn(batch, cfg.unet.in_channels, size, size), torch.full((batch,), 500)
             c = torch.randn(batch, 77, cfg.unet.context_dim)
-            net(x[..., :8, :8], t, c)
+            y = torch.full((batch,), 20) if cfg.unet.num_classes else None  # the x4 upscaler's noise level
+            net(x[..., :8, :8], t, c, y)
             gc.collect()
             base = rss()
-            net(x, t, c)
+            net(x, t, c, y)
             f = cfg.vae.downsampling_factor
             est = estimate(cfg, batch // 2, size * f, size * f, unet_itemsize=4, vae_itemsize=4).unet
         else:  # size is the image side
