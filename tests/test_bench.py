@@ -19,14 +19,15 @@ from models.tokenizer import Tokenizer  # noqa: E402
 
 
 @pytest.mark.parametrize("cfg", [PRESETS["sd1"], replace(PRESETS["sd2"], parameterization="v"),
-                                 fixture_config("sd1_tiny"), fixture_config("sd2v_tiny")],
-                         ids=["sd1", "sd2v", "sd1_tiny", "sd2v_tiny"])
+                                 PRESETS["x4_upscaler"], fixture_config("sd1_tiny"), fixture_config("sd2v_tiny")],
+                         ids=["sd1", "sd2v", "x4_upscaler", "sd1_tiny", "sd2v_tiny"])
 def test_original_config_reads_back(cfg):
     """The original-format config the bench hands to diffusers describes the same model to ldm's reader.
     A YAML names its text tower (the official ones here; diffusers builds the tower from cfg.text), and a
     tower it names is only described by files beside a YAML, so the tiny towers are compared by kind."""
     read = from_yaml_dict(bench.original_config(cfg))
     assert replace(read, text=cfg.text) == cfg
+    assert read.extra == cfg.extra  # the upscaler's low-res noise schedule (extra is left out of ==)
     assert read.text == replace(text_encoder(cfg.text).default, layer=cfg.text.layer)
 
 
@@ -36,6 +37,12 @@ def test_original_config_reads_back(cfg):
              "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}),
     ("sd2v", {"attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True,
               "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}),
+    # and of stabilityai/stable-diffusion-x4-upscaler: the noise level as a class label, cross-attention only
+    # (attn1 attends to the text) at the first three levels
+    ("x4_upscaler", {"attention_head_dim": 8, "cross_attention_dim": 1024, "use_linear_projection": True,
+                     "block_out_channels": [256, 512, 512, 1024], "layers_per_block": 2, "in_channels": 7,
+                     "num_class_embeds": 1000, "only_cross_attention": [True, True, True, False],
+                     "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3}),
 ])
 def test_full_size_configs_convert_to_the_published_diffusers_ones(family, expected):
     from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
@@ -52,6 +59,31 @@ def test_diffusers_tokenizer_from_open_clip_bpe_matches_ldm(tmp_path):
     ids = bench.write_clip_tokenizer(tmp_path)(prompts, padding="max_length", max_length=77, truncation=True,
                                               return_tensors="pt").input_ids
     assert torch.equal(ids, Tokenizer(pad_token=49407)(prompts))
+
+
+def test_diffusers_tokenizer_pads_as_open_clip(tmp_path):
+    """SD 2's towers pad with 0 ("!"). HF then treats every "!" of a prompt as that special token, which open_clip
+    does not (a difference of diffusers' SD 2 pipelines, kept out of the bench's prompt)."""
+    prompts = [bench.PROMPT, "", "Hello,   WORLD café " * 20]
+    ids = bench.write_clip_tokenizer(tmp_path, pad_token_id=0)(prompts, padding="max_length", max_length=77,
+                                                               truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, Tokenizer(pad_token=0)(prompts))
+    assert "!" not in bench.PROMPT
+
+
+def test_tiny_upscale_row_computes_what_diffusers_does(tmp_path, capsys):
+    """ldm.pipeline.upscale and diffusers' StableDiffusionUpscalePipeline on the same tiny x4 weights, start code
+    and noise-augmented low-res image: the same 4x image."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--rows", "upscale", "--dtypes", "float32", "--repeats", "1", "--warmup", "0",
+                       "--steps", "2", "--shared", str(SHARED), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    assert row["label"] in capsys.readouterr().out and not doc["notes"]
+    assert (row["size"], row["out_size"], row["steps"]) == (32, 128, 2)
+    assert row["low_res_schedule_max_abs_diff"] <= 1e-6  # the original's "linear" is diffusers' "scaled_linear"
+    assert row["max_abs_diff"] <= 1e-4, row
+    assert row["output_max_abs"] > 0
 
 
 def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):

@@ -4,6 +4,7 @@
     .venv/bin/python tools/bench.py --rows unet256 --dtypes float32 --repeats 3
     .venv/bin/python tools/bench.py --rows unet512,txt2img --dtypes float32,bfloat16 --steps 4
     .venv/bin/python tools/bench.py --device cuda --dtypes float32,float16,bfloat16 --steps 20 --json cuda.json
+    .venv/bin/python tools/bench.py --rows upscale --dtypes float32 --steps 20 --repeats 1 --warmup 0  # 256 -> 1024
     .venv/bin/python tools/bench.py --tiny --repeats 1 --warmup 0         # tiny configs: a smoke run in seconds
     OMP_NUM_THREADS=2 .venv/bin/python tools/bench.py --rows unet512 --dtypes bfloat16 --compile  # ldm compiled
 
@@ -48,16 +49,27 @@ Rows (`--rows`, comma-separated; default all):
                       it would for a user. A last row gives each library's import time in those processes.
     sd2               the SD 2.x 768-v UNet (its official layout and config): one CFG step at `--sd2-size`
                       (default 768; 512 for a quicker run), once per `--dtypes` entry
-The SD 1.x rows (all but load) and sd2 run once per `--dtypes` entry (default float32,bfloat16; bfloat16 on
-a CPU without native support is emulated, and a note says so; `--dtypes float32` skips it).
+    upscale           the x4 upscaler (its official layout, all of it, and config): a whole 4x upscale of an
+                      `--upscale-size` image (default 256 -> 1024) in `--steps` DDIM steps at the script's
+                      guidance 10 and noise level 20: `ldm.pipeline.upscale` against diffusers'
+                      `StableDiffusionUpscalePipeline` on the converted networks (UNet with the noise level as
+                      class label, f=4 VAE scaled 0.08333, the OpenCLIP tower as transformers' CLIPTextModel one
+                      block short of its penultimate layer, a DDIMScheduler for v-prediction and the low-res
+                      DDPMScheduler, both "scaled_linear" 1e-4..2e-2, which is the original's "linear"). Both get
+                      ldm's start code (numpy) and ldm's unit noise for the low-res image's augmentation (handed
+                      to the diffusers scheduler's add_noise), so they compute the same thing; with a step count
+                      that does not divide 1000 the original DDIM spacing runs more steps than diffusers', and a
+                      note says the outputs differ. Use `--steps 20` for the issue's 20-step figure.
+The SD 1.x rows (all but load), sd2 and upscale run once per `--dtypes` entry (default float32,bfloat16;
+bfloat16 on a CPU without native support is emulated, and a note says so; `--dtypes float32` skips it).
 
 Output: a table of ldm's and diffusers' medians, ldm/diffusers (below 1: ldm is faster) and the max abs
 difference of the two outputs, which shows both ran the same computation (the parity tests are in tests/;
 with these random weights the UNet's output is small, about 0.05, so it is a sanity check only).
 `--json out.json` adds every run's time, the outputs' scale and the machine: CPU model, cores, torch threads,
 native bf16, memory, the torch/diffusers/transformers versions, the GPU and TF32 flags on CUDA.
-`--tiny` uses the tiny reference configs (`shared/reference/fixtures/sd1_tiny`, `sd2v_tiny`) with the image
-sizes divided by 8, for tests.
+`--tiny` uses the tiny reference configs (`shared/reference/fixtures/sd1_tiny`, `sd2v_tiny`,
+`shared/reference/special/x4_upscaler_tiny`) with the image sizes divided by 8, for tests.
 """
 from __future__ import annotations
 
@@ -81,7 +93,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import torch  # noqa: E402
 
-ROWS = ("unet256", "unet512", "vae", "text", "txt2img", "load", "sd2")
+ROWS = ("unet256", "unet512", "vae", "text", "txt2img", "load", "sd2", "upscale")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
@@ -106,7 +118,7 @@ def shared_dir(arg: Optional[str]) -> Path:
 def original_config(cfg) -> dict:
     """A ModelConfig as the original YAML config (`v1-inference.yaml`, `v2-inference-v.yaml`, ...), which is
     what diffusers' single-file converters read."""
-    from models.config import CLIPTextConfig
+    from models.config import FAMILIES, CLIPTextConfig
     from models.text_encoders import OFFICIAL_CLIP
 
     u, v, text = cfg.unet, cfg.vae, cfg.text
@@ -142,23 +154,28 @@ def original_config(cfg) -> dict:
               "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
                                      "params": {"embed_dim": v.embed_dim, "ddconfig": ddconfig}},
               "cond_stage_config": cond}
-    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+    if "low_scale" in cfg.extra:  # the x4 upscaler's noise augmentation of the low-res image
+        params["low_scale_config"] = {"target": "ldm.modules.diffusionmodules.upscaling."
+                                                "ImageConcatWithNoiseAugmentation", "params": cfg.extra["low_scale"]}
+    target = next(f.target for f in FAMILIES if f.name == cfg.family)  # LatentUpscaleDiffusion, ...
+    return {"model": {"target": f"ldm.models.diffusion.ddpm.{target}", "params": params}}
 
 
 def spec(family: str, tiny: bool, shared: Path) -> Spec:
-    """family: "sd1" or "sd2v" (SD 2.x 768-v)."""
+    """family: "sd1", "sd2v" (SD 2.x 768-v) or "x4_upscaler"."""
     import yaml
 
     from models.config import PRESETS, from_yaml_dict
 
     if tiny:
-        name = {"sd1": "sd1_tiny", "sd2v": "sd2v_tiny"}[family]
-        folder = shared / "reference" / "fixtures" / name
+        name = {"sd1": "sd1_tiny", "sd2v": "sd2v_tiny", "x4_upscaler": "x4_upscaler_tiny"}[family]
+        folder = shared / "reference" / ("special" if family == "x4_upscaler" else "fixtures") / name
         original = yaml.safe_load((folder / f"{name}.yaml").read_text())
         return Spec(name, from_yaml_dict(original, folder), original,
                     json.loads((folder / f"{name}.layout.json").read_text()))
-    cfg = PRESETS["sd1"] if family == "sd1" else replace(PRESETS["sd2"], parameterization="v")
-    layout = {"sd1": "sd1.json", "sd2v": "sd2_768_v.json"}[family]
+    cfg = {"sd1": PRESETS["sd1"], "sd2v": replace(PRESETS["sd2"], parameterization="v"),
+           "x4_upscaler": PRESETS["x4_upscaler"]}[family]
+    layout = {"sd1": "sd1.json", "sd2v": "sd2_768_v.json", "x4_upscaler": "x4_upscaler.json"}[family]
     return Spec(family, cfg, original_config(cfg), json.loads((shared / "reference" / "layouts" / layout).read_text()))
 
 
@@ -172,23 +189,25 @@ def random_checkpoint(s: Spec, prefix=(), dtype=torch.float32, seed: int = 0) ->
 
 
 def ldm_networks(s: Spec, state: dict) -> dict:
-    """ldm's networks on the checkpoint's own tensors (no copy), as ldm.load builds them."""
-    from models.clip_text import CLIPTextModel, normalize_clip_keys  # the benches' text rows are SD 1.x's
+    """ldm's networks on the checkpoint's own tensors (no copy), as ldm.load builds them (the text tower
+    from its record: CLIP for SD 1.x, OpenCLIP for the x4 upscaler)."""
+    from models.text_encoders import text_encoder
     from models.unet import UNetModel
     from models.vae import AutoencoderKL
     from weights import split_components
 
     parts = split_components(state).parts
+    encoder = text_encoder(s.cfg.text)
     out = {}
     with torch.device("meta"):
         if "unet" in parts:
             out["unet"] = UNetModel(s.cfg.unet)
         if "vae" in parts:
             out["vae"] = AutoencoderKL(s.cfg.vae)
-        if "clip_text" in parts:
-            out["text"] = CLIPTextModel(s.cfg.text)
+        if encoder.component in parts:
+            out["text"] = encoder.module(s.cfg.text)
     states = {"unet": parts.get("unet"), "vae": parts.get("vae"),
-              "text": normalize_clip_keys(parts["clip_text"]) if "clip_text" in parts else None}
+              "text": encoder.normalize(parts[encoder.component]) if encoder.component in parts else None}
     for name, module in out.items():
         module.load_state_dict(states[name], strict=True, assign=True)
         module.eval().requires_grad_(False)
@@ -207,10 +226,21 @@ def place_ldm(module, device: torch.device, dtype: torch.dtype, args) -> None:
 
 
 def hf_clip_config(text_cfg):
+    """transformers' CLIPTextConfig of a CLIP tower (SD 1.x) or of an OpenCLIP one (SD 2.x), as diffusers'
+    SD 2 pipelines hold it: a CLIPTextModel whose last_hidden_state is the original's output, so a tower
+    read at its penultimate layer is built one block short (the final LayerNorm still applies)."""
     import transformers
 
+    from models.openclip_text import OpenCLIPTextConfig
     from models.tokenizer import END, START
 
+    if isinstance(text_cfg, OpenCLIPTextConfig):
+        return transformers.CLIPTextConfig(
+            vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.width,
+            num_hidden_layers=text_cfg.layers - (text_cfg.layer == "penultimate"),
+            num_attention_heads=text_cfg.heads, intermediate_size=int(text_cfg.width * text_cfg.mlp_ratio),
+            max_position_embeddings=text_cfg.context_length, hidden_act=text_cfg.act, layer_norm_eps=1e-5,
+            bos_token_id=START, eos_token_id=END, pad_token_id=text_cfg.pad_token, projection_dim=text_cfg.embed_dim)
     return transformers.CLIPTextConfig(
         vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.width, num_hidden_layers=text_cfg.layers,
         num_attention_heads=text_cfg.heads, intermediate_size=text_cfg.intermediate_size,
@@ -224,7 +254,8 @@ def diffusers_networks(s: Spec, state: dict) -> dict:
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
                                                      create_vae_diffusers_config_from_ldm)
 
     out = {}
@@ -236,10 +267,13 @@ def diffusers_networks(s: Spec, state: dict) -> dict:
         config = create_vae_diffusers_config_from_ldm(s.original, state)
         out["vae"] = AutoencoderKL(**config)
         out["vae"].load_state_dict(convert_ldm_vae_checkpoint(state, config), strict=True)
-    if any(k.startswith("cond_stage_model.transformer.") for k in state):
+    openclip = any(k.startswith("cond_stage_model.model.") for k in state)
+    if openclip or any(k.startswith("cond_stage_model.transformer.") for k in state):
         text = transformers.CLIPTextModel(hf_clip_config(s.cfg.text))
         expected = text.state_dict()
-        converted = convert_ldm_clip_checkpoint(state)
+        # OpenCLIP: diffusers' converter splits the fused q/k/v and renames; the unused last block and the
+        # text projection are left out (the model above has no place for them)
+        converted = convert_open_clip_checkpoint(text, state) if openclip else convert_ldm_clip_checkpoint(state)
         if not hasattr(text, "text_model"):  # transformers >= 5 dropped the level
             converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
         text.load_state_dict({k: v for k, v in converted.items() if k in expected}, strict=True)
@@ -249,9 +283,10 @@ def diffusers_networks(s: Spec, state: dict) -> dict:
     return out
 
 
-def write_clip_tokenizer(folder: Path):
+def write_clip_tokenizer(folder: Path, pad_token_id: Optional[int] = None):
     """An HF CLIPTokenizer from the BPE that open_clip ships (the vocabulary both SD families use), so
-    diffusers tokenizes the prompt itself without a download."""
+    diffusers tokenizes the prompt itself without a download. pad_token_id: the tower's pad token (SD 2's
+    OpenCLIP pads with 0, "!", as the hub's SD 2 tokenizers say); None: CLIP's end token, as SD 1's."""
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
 
@@ -261,7 +296,8 @@ def write_clip_tokenizer(folder: Path):
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    pad = {} if pad_token_id is None else {"pad_token": next(k for k, i in vocab.items() if i == pad_token_id)}
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, **pad)
 
 
 # ---------------------------------------------------------------- timing
@@ -459,6 +495,102 @@ def sd2_rows(bench: Bench, args, shared: Path, dtypes: list) -> None:
     gc.collect()
 
 
+def low_scale_model(s: Spec, state: dict):
+    """ldm's noise augmentation of the x4 upscaler, as ldm.load builds it: the config's module with the
+    file's `low_scale_model.*` schedule buffers."""
+    from models.upscaling import ImageConcatWithNoiseAugmentation
+    from weights import sub_state
+
+    module = ImageConcatWithNoiseAugmentation.from_config(s.cfg.extra["low_scale"])
+    module.load_state_dict({k: v.float() for k, v in sub_state(state, "low_scale_model.").items()}, strict=True)
+    return module
+
+
+def upscale_row(bench: Bench, s: Spec, nets: dict, refs: dict, low_scale, image: int, dtype: torch.dtype,
+                tokenizer_dir: Path) -> None:
+    """`ldm.pipeline.upscale` against diffusers' StableDiffusionUpscalePipeline: the low-res image (image x
+    image) noise-augmented to the default level on the upscaler's own schedule, then `--steps` DDIM steps of
+    the v-prediction UNet with guidance (the script's scale, 10), then the f=4 decode to 4*image. ldm draws
+    its start code from numpy (RandomState(seed)) and the augmentation noise from a torch generator seeded
+    `seed` (channels-last, as the script's randn_like); diffusers is handed both, its `latents` and, through
+    its low-res scheduler's add_noise, the unit noise, so it computes the augmentation itself from the same
+    draw. Its schedulers are the upscaler's published ones: the original's "linear" schedules (linspace of
+    the square roots, squared) are diffusers' "scaled_linear"."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+    from ldm import LatentDiffusion
+    from ldm.device import Placement
+    from ldm.pipeline import NumpyStartCodes, upscale
+    from ldm.upscaling import NOISE_LEVEL, SCALE, channels_last_noise
+    from models.tokenizer import tokenizer_for
+    from samplers.schedule import ddim_timesteps, linear_alphas_cumprod
+
+    cfg, steps, seed, device = s.cfg, bench.args.steps, 42, bench.device
+    low = cfg.extra["low_scale"]
+    model = LatentDiffusion(
+        family="x4_upscaler", config=cfg, unet=nets["unet"], vae=nets["vae"], text_encoder=nets["text"],
+        tokenizer=tokenizer_for(cfg.text), placement=Placement(device, dtype), low_scale_model=low_scale,
+        alphas_cumprod=linear_alphas_cumprod(cfg.linear_start, cfg.linear_end, cfg.timesteps))
+    scheduler = DDIMScheduler(beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear",
+                              num_train_timesteps=cfg.timesteps, clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="v_prediction")
+    schedule = low.get("noise_schedule_config") or {}
+    low_res = DDPMScheduler(beta_start=schedule.get("linear_start", 1e-4), beta_end=schedule.get("linear_end", 2e-2),
+                            beta_schedule="scaled_linear", num_train_timesteps=schedule.get("timesteps", 1000))
+    pipe = StableDiffusionUpscalePipeline(
+        vae=refs["vae"], text_encoder=refs["text"], unet=refs["unet"], low_res_scheduler=low_res, scheduler=scheduler,
+        tokenizer=write_clip_tokenizer(tokenizer_dir, cfg.text.pad_token), safety_checker=None,
+        feature_extractor=None, watermarker=None, max_noise_level=low.get("max_noise_level", 350))
+    pipe.set_progress_bar_config(disable=True)
+
+    g = torch.Generator().manual_seed(7)
+    image01 = torch.rand(1, 3, image, image, generator=g)  # the low-res image in [0, 1], as diffusers takes it
+    lowres = 2.0 * image01 - 1.0  # what diffusers' preprocessing makes of it, and what ldm takes
+    x_T = NumpyStartCodes(seed, 1).draw((1, cfg.vae.embed_dim, image, image))
+    noise = channels_last_noise(tuple(lowres.shape), torch.Generator().manual_seed(seed))
+    # the schedules the two libraries noise the low-res image with (a mismatch shows here, not as a vague diff)
+    levels = {"ldm": low_scale.sqrt_alphas_cumprod.float(), "diffusers": low_res.alphas_cumprod.float().sqrt()}
+
+    def add_noise(original, _noise, timesteps):  # diffusers' own add_noise, on the draw ldm makes
+        return DDPMScheduler.add_noise(low_res, original, noise.to(original.device, original.dtype), timesteps)
+
+    low_res.add_noise = add_noise
+    ran = len(ddim_timesteps(steps, cfg.timesteps))
+    if ran != steps:
+        bench.note(f"upscale: the original DDIM spacing runs {ran} steps for --steps {steps}, diffusers' {steps}: "
+                   "the two outputs differ (choose a divisor of 1000 to compare them)")
+
+    def ours():
+        return ((upscale(model, lowres, PROMPT, seed=seed, steps=steps, sampler="ddim", scale=SCALE, eta=0.0,
+                         noise_level=NOISE_LEVEL)[0] + 1) / 2).clamp(0, 1)
+
+    def theirs():
+        return pipe(PROMPT, image=image01.to(device), num_inference_steps=steps, guidance_scale=SCALE,
+                    noise_level=NOISE_LEVEL, eta=0.0, latents=x_T.to(device, dtype), output_type="pt").images
+
+    f = cfg.vae.downsampling_factor
+    bench.compare("upscale", f"{s.name} upscale {image}->{image * f} {steps} ddim {dtype_name(dtype)}", ours, theirs,
+                  dtype=dtype_name(dtype), size=image, out_size=image * f, steps=steps, noise_level=NOISE_LEVEL,
+                  low_res_schedule_max_abs_diff=max_abs_diff(levels["ldm"], levels["diffusers"]))
+
+
+def upscale_rows(bench: Bench, args, shared: Path, dtypes: list, tmp: Path) -> None:
+    s = spec("x4_upscaler", args.tiny, shared)
+    state = random_checkpoint(s)  # all of it: the three networks and the low-res noise schedule
+    nets, refs, low_scale = ldm_networks(s, state), diffusers_networks(s, state), low_scale_model(s, state)
+    del state
+    gc.collect()
+    for dtype in dtypes:
+        for m in refs.values():
+            m.to(bench.device, dtype)
+        for m in nets.values():
+            place_ldm(m, bench.device, dtype, args)
+        gc.collect()
+        upscale_row(bench, s, nets, refs, low_scale, size(args, args.upscale_size), dtype, tmp)
+    del nets, refs
+    gc.collect()
+
+
 # ---------------------------------------------------------------- load rows: one fresh process per load
 def _rss_gb(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -628,8 +760,10 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the SD 1.x rows (comma-separated)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per library and row (the median is shown)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per library before timing")
-    p.add_argument("--steps", type=int, default=4, help="DDIM steps of the txt2img row")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps of the txt2img and upscale rows")
     p.add_argument("--sd2-size", type=int, default=768, choices=(512, 768), help="image size of the sd2 row")
+    p.add_argument("--upscale-size", type=int, default=256, help="the upscale row's low-res image size (default "
+                   "256: 256x256 -> 1024x1024; a multiple of 8)")
     p.add_argument("--load-dtype", choices=("float32", "float16", "bfloat16"),
                    help="the dtype the load rows make ready (default: float32 on a CPU, float16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="time ldm's UNet rows compiled as `--compile` does "
@@ -650,6 +784,8 @@ def parse_args(argv=None):
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if sorted(set(args.dtypes) - set(DTYPES)):
         p.error(f"unknown dtypes {args.dtypes}; choose from {','.join(DTYPES)}")
+    if args.upscale_size < 8 or args.upscale_size % 8:
+        p.error("--upscale-size must be a multiple of 8")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     if args.compile and args.warmup < 1:
@@ -675,7 +811,7 @@ def main(argv=None) -> int:
           f"diffusers {info['diffusers']}, transformers {info['transformers']}, device {device}"
           + (f" ({info['gpu']})" if "gpu" in info else ""), flush=True)
     sd1 = bool(set(args.rows) & {"unet256", "unet512", "vae", "text", "txt2img"})
-    per_dtype = sd1 or "sd2" in args.rows
+    per_dtype = sd1 or "sd2" in args.rows or "upscale" in args.rows
     if per_dtype and device.type == "cpu" and torch.bfloat16 in dtypes and not cpu_has_bf16():
         bench.note("this CPU has no native bfloat16 (AVX-512 BF16, AMX or ARM BF16): bfloat16 rows run emulated")
     if per_dtype and device.type == "cpu" and torch.float16 in dtypes:
@@ -693,6 +829,8 @@ def main(argv=None) -> int:
             sd1_rows(bench, args, shared, dtypes, tmp)
         if "sd2" in args.rows:
             sd2_rows(bench, args, shared, dtypes or [torch.float32])
+        if "upscale" in args.rows:
+            upscale_rows(bench, args, shared, dtypes or [torch.float32], tmp)
     info.update({k: v for k, v in machine(device).items() if "tf32" in k})
     if args.json:
         args.json.write_text(json.dumps({
