@@ -28,6 +28,7 @@ from weights import (CheckpointError, detect_family, ema_unet, is_lone_vae, read
                      split_components, sub_state)
 from weights.pages import PageReleaser
 
+from .builtin import resolve_checkpoint
 from .device import Placement, configure_backends, resolve
 from .placing import place
 
@@ -132,10 +133,13 @@ def _vae_state(path: Path) -> dict:
     return part
 
 
-def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = None, device=None,
+def load(path: Union[str, Path, None] = None, config: Union[str, Path, ModelConfig, None] = None, device=None,
          dtype=None, ema: bool = False, vae: Union[str, Path, None] = None,
          prediction: Optional[str] = None) -> LatentDiffusion:
     """Load an official SD 1.x / 2.x checkpoint (.ckpt or .safetensors).
+
+    path: the file; "builtin" is the built-in model (ldm/builtin.py); None is the original scripts' default
+    models/ldm/stable-diffusion-v1/model.ckpt when it exists, else the built-in model (with a note).
 
     config: an original YAML (`v1-inference.yaml`), a ModelConfig, or None to detect the family from the
     file's keys (a YAML beside the checkpoint with the same stem is used when present).
@@ -144,9 +148,9 @@ def load(path: Union[str, Path], config: Union[str, Path, ModelConfig, None] = N
     ema: use the EMA copy of the UNet (`model_ema.*`) that full training checkpoints carry.
     vae: a separate VAE file to use instead of the checkpoint's own.
     prediction: "eps" or "v", overriding the config; SD 2 files without either are probed."""
-    path = Path(path)
+    path, note = resolve_checkpoint(path)
     placement = device if isinstance(device, Placement) else resolve(device, dtype)
-    notes = list(placement.notes)
+    notes = list(placement.notes) + ([note] if note else [])
     configure_backends(placement)
     if prediction not in (None, "eps", "v"):  # before a 4 GB read
         raise ConfigError(f"prediction must be eps or v, got {prediction!r}")

@@ -19,13 +19,13 @@ from samplers.registry import SamplerSpec, available, resolve_sampler
 from samplers.schedule import ddim_timesteps
 from samplers.sigmas import SCHEDULES
 
+from .builtin import CHECKPOINT as BUILTIN, DEFAULT_CKPT, is_builtin, native_size, resolve_checkpoint
 from .device import Placement, resolve
 from .errors import UsageError
 from .images import load_image
 from .loading import LatentDiffusion
 
 COMMANDS = ("txt2img", "img2img")
-DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 GET_A_CHECKPOINT = ("download an official checkpoint (e.g. v1-5-pruned-emaonly.safetensors from "
                     "huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5) and pass it with --ckpt")
@@ -109,8 +109,9 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     a("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0: deterministic sampling)")
     a("--n_iter", type=int, default=1 if img else 2, help="sample this often")
     # img2img takes its size from the init image; the flags are kept only to say so
-    a("--H", type=int, default=None if img else 512, help=argparse.SUPPRESS if img else "image height, in pixel space")
-    a("--W", type=int, default=None if img else 512, help=argparse.SUPPRESS if img else "image width, in pixel space")
+    size = "(default 512; the built-in model's own size with it)"
+    a("--H", type=int, default=None, help=argparse.SUPPRESS if img else f"image height, in pixel space {size}")
+    a("--W", type=int, default=None, help=argparse.SUPPRESS if img else f"image width, in pixel space {size}")
     a("--C", type=int, default=None, help="latent channels (default: the model's; must match it)")
     a("--f", type=int, default=None, help="downsampling factor of the VAE (default: the model's; must match it)")
     a("--n_samples", type=int, default=2 if img else 3,
@@ -124,7 +125,9 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     a("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
     a("--config", default=None,
       help="the original YAML config (default: one beside the checkpoint, else detected from its keys)")
-    a("--ckpt", default=DEFAULT_CKPT, help="checkpoint of the model (.ckpt or .safetensors)")
+    a("--ckpt", default=None,
+      help=f"checkpoint of the model (.ckpt or .safetensors); default {DEFAULT_CKPT} when it exists, else the "
+           "built-in model of coloured shapes, which \"builtin\" names")
     a("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     a("--precision", choices=["full", "autocast"], default="autocast",
       help="full: float32; autocast: float16 on an accelerator, float32 on the CPU")
@@ -216,6 +219,8 @@ def validate(command: str, args) -> RunPlan:
     for flag in ("n_samples", "n_iter", "repeat", "C", "f"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if not img:
+        default_size(args)
     if not img and args.f is not None:  # without --f the model's own factor decides, after loading (check_model)
         _check_size(args, args.f, f"the factor --f {args.f} asks for")
     elif not img:
@@ -242,6 +247,13 @@ def validate(command: str, args) -> RunPlan:
     placement, ckpt = check_files(args)
     height, width = (args.H, args.W) if init is None else init.image.shape[2:]
     return RunPlan(spec, data, init, height, width, placement, ckpt)
+
+
+def default_size(args) -> None:
+    """--H and --W left out: the built-in model's own size when it is the checkpoint, else 512 (the original's)."""
+    ckpt, _ = resolve_checkpoint(args.ckpt)
+    side = native_size() if is_builtin(ckpt) and ckpt.is_file() else 512
+    args.H, args.W = (side if v is None else v for v in (args.H, args.W))
 
 
 # The checks every command shares (the special ones of ldm/special_options.py too), in validate's order.
@@ -287,7 +299,13 @@ def check_files(args) -> tuple[Placement, Path]:
                          "or leave it out to detect the model from the checkpoint")
     if args.config is not None:
         from_yaml(args.config)  # a config that cannot be read is one line now, not after the weights
-    ckpt = Path(args.ckpt)
+    ckpt, note = resolve_checkpoint(args.ckpt)
+    if is_builtin(ckpt) and not ckpt.is_file():
+        raise UsageError(f"the built-in model is missing ({BUILTIN}): reinstall ldm (pip install -e .), or train it "
+                         "again with python tools/train_tiny.py")
+    if note:
+        print(f"note: {note}")
+    args.ckpt = str(ckpt)  # what the outputs record
     if ckpt.is_dir():
         raise UsageError(f"{ckpt}: is a folder; {GET_A_CHECKPOINT}")
     if not ckpt.is_file():
