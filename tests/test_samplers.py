@@ -352,12 +352,12 @@ def test_guidance_is_one_batched_call():
 
 def test_dtype_boundary_and_dict_conditioning():
     """The model gets its dtype (floating tensors only); the sampler gets float32 back."""
-    def model(x, t, c):
-        assert x.dtype == torch.bfloat16 and c["c_crossattn"][0].dtype == torch.bfloat16
-        assert c["c_adm"].dtype == torch.long and c["c_adm"].tolist() == [0, 0, 5, 5]
+    def model(x, t, context, y):
+        assert x.dtype == torch.bfloat16 and context.dtype == torch.bfloat16
+        assert y.dtype == torch.long and y.tolist() == [0, 0, 5, 5]
         return x * 0.5
-    cond = {"c_crossattn": [torch.ones(2, 3)], "c_adm": torch.full((2,), 5)}
-    uncond = {"c_crossattn": [torch.zeros(2, 3)], "c_adm": torch.zeros(2, dtype=torch.long)}
+    cond = {"c_crossattn": torch.ones(2, 3), "y": torch.full((2,), 5)}
+    uncond = {"c_crossattn": torch.zeros(2, 3), "y": torch.zeros(2, dtype=torch.long)}
     eps, pred_x0 = make_denoiser(model, cond, uncond, 7.5, "eps", AC, dtype=torch.bfloat16)(_x(), 501)
     assert eps.dtype == pred_x0.dtype == torch.float32
 
