@@ -120,6 +120,12 @@ class Runner:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def current(self):
+        """The loaded model (the Steps tab decodes with the one its run used)."""
+        if self._model is None:
+            raise RuntimeError("no model loaded yet")
+        return self._model[1]
+
     def model(self, args, plan, check):
         key = (str(plan.ckpt), args.config, str(plan.placement.device), str(plan.placement.dtype))
         if self._model is not None and self._model[0] == key:
