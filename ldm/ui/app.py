@@ -10,8 +10,6 @@ from pathlib import Path
 
 import gradio as gr
 
-from samplers.registry import available, resolve_sampler
-
 from ..builtin import is_builtin, native_size
 from ..errors import USER_ERRORS, one_line
 from ..images import read_parameters
@@ -19,10 +17,8 @@ from ..special_options import DEFAULTS
 from .editor import split_editor
 from .models import tab_note
 from .pnginfo import parse_parameters
-from .runs import Cancelled, Runner, argv_for, stash_input
+from .runs import SAMPLERS, Cancelled, Runner, argv_for, stash_input
 
-SAMPLERS = [resolve_sampler(n).a1111_name for n in available()]
-SAMPLERS += [f"{s} Karras" for s in SAMPLERS if resolve_sampler(s).space == "sigma"]
 QUEUE = dict(concurrency_limit=1, concurrency_id="model")
 
 

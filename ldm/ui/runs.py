@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from samplers.noise import randn
+from samplers.registry import available, resolve_sampler
 
 from .. import pipeline
 from ..images import to_uint8
@@ -32,6 +33,8 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": 
          "sampler": "--sampler", "scale": "--scale", "seed": "--seed", "width": "--W", "height": "--H",
          "n_samples": "--n_samples", "n_iter": "--n_iter", "strength": "--strength", "noise_level": "--noise_level",
          "init_image": "--init-img", "mask": "--mask", "depth_map": "--depth-map"}
+SAMPLERS = [resolve_sampler(n).a1111_name for n in available()]  # the page's choices, by A1111 name
+SAMPLERS += [f"{s} Karras" for s in SAMPLERS if resolve_sampler(s).space == "sigma"]
 MAX_IMAGES = 16  # per run (n_samples * n_iter): the page's bound on a batch
 
 

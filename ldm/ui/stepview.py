@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .. import pipeline
 from ..errors import USER_ERRORS, one_line
 from ..images import to_uint8
-from .runs import argv_for, parse
+from .runs import SAMPLERS, argv_for, parse
 
 
 def channels_as_rgb(latent: torch.Tensor, size: int) -> np.ndarray:
@@ -65,8 +65,6 @@ def export(page, state):
 
 
 def steps_tab(page, ckpt):
-    from .app import SAMPLERS
-
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=2, scale=3)
         negative = gr.Textbox(label="Negative prompt", lines=2, scale=2)
