@@ -78,7 +78,7 @@ def _prompts(prompt_default: str = ""):
 def _sampling(command: str, page: Page):
     d = DEFAULTS.get(command, dict(steps=50, scale=7.5 if command == "txt2img" else 5.0))
     with gr.Row():
-        sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler")
+        sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler", allow_custom_value=True)
         steps = gr.Number(d["steps"], precision=0, label="Steps")
         scale = gr.Slider(0, 30, value=d.get("scale", 7.5), step=0.5, label="CFG scale")
     with gr.Row():

@@ -2,6 +2,7 @@
 model) and which tab each family fits. Families come from the files' headers: no weights are read."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +44,8 @@ def find_checkpoints(ckpt: Optional[str], models_dir: Optional[str]) -> dict[str
         folder = Path(models_dir)
         if not folder.is_dir():
             raise UsageError(f"{models_dir}: no such folder; --models-dir takes a folder of checkpoints")
-        files = sorted(p for ext in EXTENSIONS for p in folder.rglob(f"*{ext}") if p.is_file())
+        files = sorted(Path(root) / name for root, _, names in os.walk(folder, followlinks=True)  # linked folders too
+                       for name in names if name.endswith(EXTENSIONS))
         found = {str(p): f for p in files if (f := family_of(p)) is not None}
         if not found:
             raise UsageError(f"{models_dir}: holds no .ckpt or .safetensors checkpoint")

@@ -69,7 +69,7 @@ def steps_tab(page, ckpt):
         prompt = gr.Textbox(label="Prompt", lines=2, scale=3)
         negative = gr.Textbox(label="Negative prompt", lines=2, scale=2)
     with gr.Row():
-        sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler")
+        sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler", allow_custom_value=True)
         steps = gr.Number(20, precision=0, label="Steps")
         scale = gr.Slider(0, 30, value=7.5, step=0.5, label="CFG scale")
         seed = gr.Number(42, precision=0, label="Seed (-1: random)")
