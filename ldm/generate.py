@@ -101,11 +101,7 @@ def run(command: str, args) -> int:
     generators = pipeline.make_generators(args.seed, args.n_samples, args.seed_mode)
     (_run_txt2img if command == "txt2img" else _run_img2img)(model, args, plan, writer, generators)
     writer.finish(args.n_rows if args.n_rows > 0 else args.n_samples)
-    if writer.samples:
-        print(f"saved {len(writer.samples)} sample(s): {writer.samples[0]} .. {writer.samples[-1].name}")
-    if writer.grid:
-        print(f"saved the grid: {writer.grid}")
-    print(f"Your samples are ready and waiting for you here: \n{args.outdir} \n \nEnjoy.")
+    writer.report()
     return 0
 
 

@@ -97,3 +97,11 @@ class SampleWriter:
         self.grid = save_png(make_grid(np.stack(self.images), n_rows), self.outdir,
                              parameters=self._parameters(self.first_prompt), settings=settings,
                              prefix="grid-", digits=4)
+
+    def report(self) -> None:
+        """What was written, and the original scripts' closing lines."""
+        if self.samples:
+            print(f"saved {len(self.samples)} sample(s): {self.samples[0]} .. {self.samples[-1].name}")
+        if self.grid:
+            print(f"saved the grid: {self.grid}")
+        print(f"Your samples are ready and waiting for you here: \n{self.args.outdir} \n \nEnjoy.")

@@ -107,11 +107,7 @@ def run(command: str, args) -> int:
             latents = drain(_progress(steps, _label(n, b, args, plan)), x_T)
             writer.add(to_uint8(pipeline.decode(model, latents)), n, b, prompts)
     writer.finish(args.n_rows if args.n_rows > 0 else args.n_samples)
-    if writer.samples:
-        print(f"saved {len(writer.samples)} sample(s): {writer.samples[0]} .. {writer.samples[-1].name}")
-    if writer.grid:
-        print(f"saved the grid: {writer.grid}")
-    print(f"Your samples are ready and waiting for you here: \n{args.outdir} \n \nEnjoy.")
+    writer.report()
     return 0
 
 

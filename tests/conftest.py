@@ -99,3 +99,13 @@ def packed_calls(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", spy)
     return calls
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One OpenMP thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): the
+    machines are shared, and two threads competing with other jobs run several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

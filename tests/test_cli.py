@@ -27,13 +27,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 FAST = ["--H", "32", "--W", "32", "--ddim_steps", "2"]  # 2 steps: timesteps 1 and 501
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The machine is shared: two OpenMP threads competing with other jobs are ~50x slower than one here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _file(name: str, ext: str) -> str:

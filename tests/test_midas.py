@@ -16,13 +16,7 @@ PREFIX = "depth_model."
 SPECIAL = REFERENCE / "special"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The machine is shared: two OpenMP threads competing with other jobs are several times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_midas(seed: int) -> MiDaSInference:

@@ -26,12 +26,7 @@ COMMAND = {"e2e_inpaint": "inpaint", "e2e_depth2img": "depth2img", "e2e_upscale"
 INPUTS = SPECIAL / "inputs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta(name: str) -> dict:

@@ -14,12 +14,7 @@ SPECIAL = REFERENCE / "special"
 MODELS = ("sd15_inpaint_tiny", "sd2_inpaint_tiny", "sd2_depth_tiny", "x4_upscaler_tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def special_model(name: str):
