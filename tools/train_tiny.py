@@ -1,0 +1,577 @@
+"""Train the built-in model from scratch: a latent diffusion model in the official SD 1.x format, at tiny
+sizes, on the captioned shape pictures of tools/shapes.py.
+
+    python tools/train_tiny.py --seed 0                # about 25 minutes on 2 CPU cores
+    python tools/train_tiny.py --seed 0 --resume       # go on from the last checkpoint in --workdir
+
+The stages are those of Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"):
+1. the perceptual compression stage (their sec. 3.1): the KL-regularised autoencoder `AutoencoderKL`
+   (models/vae.py), trained on pictures alone with a reconstruction loss (L1 + L2) and a small KL term
+   towards N(0, I). Left out: the LPIPS perceptual loss and the patch-GAN discriminator of their
+   `LPIPSWithDiscriminator` (flat shapes on flat backgrounds need neither to come back sharp, and both
+   need pretrained or extra networks);
+2. the latent scale (their appendix G / `scale_by_std`): 1 / std of the frozen encoder's latents, so
+   the diffusion model sees unit-variance data; stored as `scale_factor` in the YAML;
+3. the latent diffusion model (their sec. 3.3, eq. 2 with the cross-attention conditioning of eq. 3):
+   `UNetModel` (models/unet.py) predicting the noise eps added to a scaled latent at a uniform t under
+   SD's linear beta schedule (0.00085 .. 0.012, 1000 steps), with the text tower `CLIPTextModel`
+   (models/clip_text.py, the real CLIP BPE tokenizer) trained alongside as its tau_theta, and 10% of the
+   captions dropped to the empty string so that classifier-free guidance (Ho & Salimans 2021) works.
+   One departure from the paper's plain eps MSE: the error is weighted 1 / alpha_bar_t, the weighting of the
+   v objective (Salimans & Ho 2022), so that the noisy steps where the layout is decided count (see
+   `train_unet`); the network still predicts eps.
+   The shipped UNet and text tower are the exponential moving average of their weights (`use_ema`).
+
+The networks are the very classes ldm samples with, so the keys are the official ones
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`) and `ldm.load`
+reads the result strictly, as it reads sd-v1-4.ckpt. Everything is deterministic from --seed (data,
+initialisation, noise, order; torch's thread count fixed by --threads). Checkpoints in --workdir every
+--save-every steps; --resume continues from the last one. At the end: the weights (float16) with the
+seed, the command and the timings in the safetensors `__metadata__`, the YAML in the original
+v1-inference.yaml schema, the text tower's config.json folder it names, a loss plot, and an evaluation
+with tools/shapes.py's pixel rule.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models.clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from models.config import UNetConfig, VAEConfig  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
+from models.unet import UNetModel  # noqa: E402
+from models.vae import AutoencoderKL  # noqa: E402
+from shapes import draw_batch, random_scenes  # noqa: E402
+
+DEFAULT_OUT = ROOT / "weights" / "builtin" / "tiny"
+CLIP_FOLDER = "tiny-clip-text"  # the YAML's `version:`, a folder beside it holding the tower's config.json
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the model, besides the seed."""
+    size: int = 32
+    vae: VAEConfig = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32)
+    # Three levels, 8x8 / 4x4 / 2x2 latent pixels: at the last each pixel is a quadrant of the picture, and
+    # the zero padding tells the four apart, which is where "at the top left" is learnt (with two levels,
+    # 1200 steps learnt colour and shape but put the shape anywhere).
+    unet: UNetConfig = UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1,
+                                  attention_resolutions=(1, 2, 4), num_heads=4, context_dim=64)
+    text: CLIPTextConfig = CLIPTextConfig(width=64, layers=2, heads=2, intermediate_size=256)
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    pool: int = 12000            # pictures encoded once for stage 3
+    unet_steps: int = 3000
+    unet_batch: int = 32
+    unet_lr: float = 2e-3
+    warmup: int = 200
+    caption_dropout: float = 0.1
+    loss_weight: str = "v"       # "eps": plain eps MSE; "v": eps MSE weighted 1 / alpha_bar_t, as the v objective
+    ema_decay: float = 0.995
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+
+
+# ---------------------------------------------------------------- small helpers
+def seeded(seed: int, *parts: int) -> int:
+    """A 63-bit seed for one (stage, step): data and noise are a function of where the run is, so a resumed
+    run draws exactly what an uninterrupted one would have."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    done = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+
+def zero_(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        torch.nn.init.zeros_(p)
+
+
+def init_unet(unet: UNetModel) -> None:
+    """As the original: the last convolution of every ResBlock, every transformer's proj_out and the output
+    convolution start at zero, so each block starts as the identity."""
+    from models.unet import ResBlock, SpatialTransformer
+
+    for m in unet.modules():
+        if isinstance(m, ResBlock):
+            zero_(m.out_layers[3])
+        elif isinstance(m, SpatialTransformer):
+            zero_(m.proj_out)
+    zero_(unet.out[2])
+
+
+def init_text(text: CLIPTextModel) -> None:
+    """CLIP's initialisation of the embeddings (models/layers.embedding leaves them empty)."""
+    emb = text.text_model.embeddings
+    torch.nn.init.normal_(emb.token_embedding.weight, std=0.02)
+    torch.nn.init.normal_(emb.position_embedding.weight, std=0.01)
+
+
+def schedule_buffers(r: Recipe) -> dict[str, torch.Tensor]:
+    """The DDPM buffers LatentDiffusion.register_schedule stores in every official checkpoint (v_posterior 0)."""
+    betas = torch.linspace(r.linear_start ** 0.5, r.linear_end ** 0.5, r.timesteps, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    acp = torch.cumprod(alphas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+    post_var = betas * (1 - prev) / (1 - acp)
+    out = {"betas": betas, "alphas_cumprod": acp, "alphas_cumprod_prev": prev,
+           "sqrt_alphas_cumprod": acp.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - acp).sqrt(),
+           "log_one_minus_alphas_cumprod": (1 - acp).log(), "sqrt_recip_alphas_cumprod": (1 / acp).sqrt(),
+           "sqrt_recipm1_alphas_cumprod": (1 / acp - 1).sqrt(), "posterior_variance": post_var,
+           "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+           "posterior_mean_coef1": betas * prev.sqrt() / (1 - acp),
+           "posterior_mean_coef2": (1 - prev) * alphas.sqrt() / (1 - acp)}
+    return {k: v.float() for k, v in out.items()}
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point tensors (the original's LitEma, with its
+    warm-up: decay min(decay, (1 + n) / (10 + n)))."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in module.state_dict().items():
+            self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates, self.shadow = state["updates"], state["shadow"]
+
+
+# ---------------------------------------------------------------- checkpoints
+class Checkpoints:
+    def __init__(self, workdir: Path):
+        self.path = workdir / "last.pt"
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def save(self, state: dict) -> None:
+        state.setdefault("load", []).append(os.getloadavg()[0])  # who else used the machine meanwhile
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------- stage 1: the autoencoder
+def train_vae(r: Recipe, seed: int, state: dict, ckpt: Checkpoints, save_every: int) -> AutoencoderKL:
+    torch.manual_seed(seeded(seed, 1, 0))
+    vae = AutoencoderKL(r.vae)
+    opt = torch.optim.Adam(vae.parameters(), lr=r.vae_lr)
+    start = 0
+    if state.get("vae_step"):
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["vae_opt"])
+        start = state["vae_step"]
+    losses = state.setdefault("losses", {}).setdefault("vae", [])
+    bar = tqdm(range(start, r.vae_steps), desc="stage 1: autoencoder", initial=start, total=r.vae_steps,
+               unit="step", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, r.vae_steps, r.vae_lr, r.warmup)
+        rng = np.random.default_rng(seeded(seed, 1, step))
+        x = torch.from_numpy(draw_batch(random_scenes(rng, r.vae_batch), r.size))
+        g = torch.Generator().manual_seed(seeded(seed, 11, step))
+        posterior = vae.encode(x)
+        recon = vae.decode(posterior.sample(g))
+        rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+        # KL(q(z|x) || N(0, I)), summed over the latent as in the original, averaged over the batch
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).sum((1, 2, 3)).mean()
+        loss = rec + r.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(rec.item())
+        bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
+        if (step + 1) % save_every == 0 or step + 1 == r.vae_steps:
+            state.update(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=step + 1)
+            ckpt.save(state)
+    bar.close()
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def check_reconstructions(r: Recipe, seed: int, vae: AutoencoderKL, n: int = 300) -> dict:
+    """The pixel rule (tools/shapes.py) on the autoencoder's reconstructions of fresh pictures: what the
+    diffusion model can at best reach through this decoder."""
+    from ldm.images import to_uint8
+    from shapes import judge
+
+    scenes = random_scenes(np.random.default_rng(seeded(seed, 4, 0)), n)
+    recon = vae.decode(vae.encode(torch.from_numpy(draw_batch(scenes, r.size))).mode())
+    verdicts = [judge(image, s.caption) for image, s in zip(to_uint8(recon), scenes)]
+    return {k: round(float(np.mean([v[k] for v in verdicts if k in v])), 3)
+            for k in ("colour", "shape", "place", "background")}
+
+
+# ---------------------------------------------------------------- stage 2: the latents and their scale
+@torch.no_grad()
+def encode_pool(r: Recipe, seed: int, vae: AutoencoderKL) -> tuple[torch.Tensor, torch.Tensor, list[str], float]:
+    """The pool of training pictures for stage 3: posterior means and stds, captions, and the scale factor
+    1 / std of the latents (measured on posterior samples, as the original's scale_by_std)."""
+    rng = np.random.default_rng(seeded(seed, 2, 0))
+    scenes = random_scenes(rng, r.pool)
+    means, stds = [], []
+    for i in tqdm(range(0, r.pool, 500), desc="stage 2: encoding the pool", unit="batch", dynamic_ncols=True):
+        posterior = vae.encode(torch.from_numpy(draw_batch(scenes[i:i + 500], r.size)))
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    g = torch.Generator().manual_seed(seeded(seed, 2, 1))
+    z = mean + std * torch.randn(mean.shape, generator=g)
+    return mean, std, [s.caption for s in scenes], float(1.0 / z.flatten().std())
+
+
+# ---------------------------------------------------------------- stage 3: the latent diffusion model
+def train_unet(r: Recipe, seed: int, state: dict, ckpt: Checkpoints, save_every: int,
+               pool: tuple) -> tuple[UNetModel, CLIPTextModel, float]:
+    mean, std, captions, scale = pool
+    torch.manual_seed(seeded(seed, 3, 0))
+    unet, text = UNetModel(r.unet), CLIPTextModel(r.text)
+    init_unet(unet)
+    init_text(text)
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=0.0)
+    ema_unet, ema_text = EMA(unet, r.ema_decay), EMA(text, r.ema_decay)
+    start = 0
+    if state.get("unet_step"):
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["unet_opt"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        start = state["unet_step"]
+    tokenizer = Tokenizer(r.text.pad_token, r.text.context_length)
+    names = sorted(set(captions))
+    tokens = tokenizer(names + [""])
+    index = {c: i for i, c in enumerate(names)}
+    caption_ids = torch.tensor([index[c] for c in captions])
+    empty = len(names)
+    acp = schedule_buffers(r)["alphas_cumprod"]
+    losses = state.setdefault("losses", {}).setdefault("unet", [])
+    bar = tqdm(range(start, r.unet_steps), desc="stage 3: UNet + text tower", initial=start,
+               total=r.unet_steps, unit="step", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, r.unet_steps, r.unet_lr, r.warmup)
+        g = torch.Generator().manual_seed(seeded(seed, 3, step))
+        pick = torch.randint(len(captions), (r.unet_batch,), generator=g)
+        z0 = scale * (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g))
+        ids = torch.where(torch.rand(r.unet_batch, generator=g) < r.caption_dropout, empty, caption_ids[pick])
+        t = torch.randint(r.timesteps, (r.unet_batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = acp[t][:, None, None, None]
+        x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        # The eps objective counts an error in the predicted x0 with weight SNR(t) = a / (1 - a): near nothing at
+        # the high noise levels where the layout of the picture is decided (t = 999: 0.005), so the text's "at the
+        # top left" is never learnt and the shape goes where the starting noise happens to suggest. Weighting the
+        # eps error by 1 / a is the v objective of Salimans & Ho 2022 (x0 errors weighted SNR + 1 >= 1); the
+        # network still predicts eps, as SD 1.x does.
+        weight = 1.0 / a.flatten() if r.loss_weight == "v" else torch.ones(r.unet_batch)
+        per_sample = (unet(x_t, t, text(tokens[ids])) - noise).pow(2).mean((1, 2, 3))
+        loss = (weight * per_sample).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update(unet)
+        ema_text.update(text)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % save_every == 0 or step + 1 == r.unet_steps:
+            state.update(unet=unet.state_dict(), text=text.state_dict(), unet_opt=opt.state_dict(),
+                         ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(), unet_step=step + 1)
+            ckpt.save(state)
+    bar.close()
+    unet.load_state_dict(ema_unet.shadow)
+    text.load_state_dict(ema_text.shadow)
+    return unet.eval().requires_grad_(False), text.eval().requires_grad_(False), scale
+
+
+# ---------------------------------------------------------------- the files
+def yaml_text(r: Recipe, scale: float) -> str:
+    """The config in the schema of the original configs/stable-diffusion/v1-inference.yaml."""
+    u, v = r.unet, r.vae
+    ints = lambda xs: "[ " + ", ".join(str(x) for x in xs) + " ]"  # noqa: E731
+    return f"""# The built-in model (tools/train_tiny.py): the schema and classes of CompVis' v1-inference.yaml at tiny sizes.
+model:
+  base_learning_rate: {r.unet_lr:.1e}
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: {r.linear_start}
+    linear_end: {r.linear_end}
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: {r.timesteps}
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: {r.size // v.downsampling_factor}
+    channels: {v.embed_dim}
+    cond_stage_trainable: true
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: {scale:.5f}
+    use_ema: False
+
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: {r.size // v.downsampling_factor} # unused
+        in_channels: {u.in_channels}
+        out_channels: {u.out_channels}
+        model_channels: {u.model_channels}
+        attention_resolutions: {ints(u.attention_resolutions)}
+        num_res_blocks: {u.num_res_blocks}
+        channel_mult: {ints(u.channel_mult)}
+        num_heads: {u.num_heads}
+        use_spatial_transformer: True
+        transformer_depth: {u.transformer_depth}
+        context_dim: {u.context_dim}
+        use_checkpoint: False
+        legacy: False
+
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: {v.embed_dim}
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: {v.z_channels}
+          resolution: {v.resolution}
+          in_channels: {v.in_channels}
+          out_ch: {v.out_ch}
+          ch: {v.ch}
+          ch_mult: {ints(v.ch_mult)}
+          num_res_blocks: {v.num_res_blocks}
+          attn_resolutions: {ints(v.attn_resolutions)}
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+      params:
+        version: {CLIP_FOLDER}  # ./{CLIP_FOLDER}/config.json describes the tower
+"""
+
+
+def clip_config_json(t: CLIPTextConfig) -> dict:
+    """The tower as transformers' CLIPTextConfig describes it (what CLIPTextModel.from_pretrained reads)."""
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
+            "hidden_size": t.width, "intermediate_size": t.intermediate_size, "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads, "max_position_embeddings": t.max_positions, "hidden_act": t.act,
+            "layer_norm_eps": 1e-5, "projection_dim": t.width, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 1}
+
+
+def write_model(out: Path, r: Recipe, unet, vae, text, scale: float, metadata: dict, dtype=torch.float16) -> Path:
+    from safetensors.torch import save_file
+
+    state = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                           ("cond_stage_model.transformer.", text)):
+        state.update({prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()})
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
+        torch.arange(r.text.max_positions)[None]
+    state.update(schedule_buffers(r))  # float32, as in the official files
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".safetensors")
+    save_file(state, str(path), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    out.with_suffix(".yaml").write_text(yaml_text(r, scale))
+    (out.parent / CLIP_FOLDER).mkdir(exist_ok=True)
+    (out.parent / CLIP_FOLDER / "config.json").write_text(json.dumps(clip_config_json(r.text), indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- the loss plot (PIL: no matplotlib needed)
+def plot_losses(losses: dict, path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    panels = [(name, np.asarray(v, dtype=np.float64)) for name, v in losses.items() if len(v)]
+    w, h, pad = 520, 240, 44
+    img = Image.new("RGB", (w * len(panels), h), "white")
+    d = ImageDraw.Draw(img)
+    titles = {"vae": "stage 1: autoencoder, L1 + L2 reconstruction", "unet": "stage 3: UNet + text tower, weighted eps MSE"}
+    for p, (name, y) in enumerate(panels):
+        x0 = p * w
+        k = max(1, len(y) // 50)
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        lo, hi = np.log10(max(y.min(), 1e-6)), np.log10(y.max())
+        box = (x0 + pad, 24, x0 + w - 12, h - 30)
+        d.rectangle(box, outline="black")
+        d.text((x0 + pad, 6), titles.get(name, name), fill="black")
+
+        def xy(i, v):
+            fx = i / max(1, len(y) - 1)
+            fy = (np.log10(max(v, 1e-6)) - lo) / max(hi - lo, 1e-9)
+            return box[0] + fx * (box[2] - box[0]), box[3] - fy * (box[3] - box[1])
+
+        step = max(1, len(y) // 800)
+        d.line([xy(i, y[i]) for i in range(0, len(y), step)], fill=(190, 200, 230), width=1)
+        d.line([xy(i + k - 1, smooth[i]) for i in range(0, len(smooth), step)], fill=(20, 50, 170), width=2)
+        for v in sorted({10 ** lo, 10 ** ((lo + hi) / 2), 10 ** hi}):
+            _, yy = xy(0, v)
+            d.text((x0 + 2, yy - 6), f"{v:.3g}", fill="black")
+        d.text((box[0], box[3] + 6), "0", fill="black")
+        d.text((box[2] - 50, box[3] + 6), f"{len(y)} steps", fill="black")
+        d.text((box[0] + 60, box[3] + 6), "log scale; light: per step, dark: running mean", fill="gray")
+    img.save(path)
+
+
+# ---------------------------------------------------------------- main
+STAGE_FIELDS = {"vae": ("size", "vae", "vae_steps", "vae_batch", "vae_lr", "kl_weight", "warmup"),
+                "unet": ("pool", "unet", "text", "unet_steps", "unet_batch", "unet_lr", "warmup", "caption_dropout",
+                         "ema_decay", "loss_weight", "linear_start", "linear_end", "timesteps")}
+
+
+def stage_recipe(r: Recipe, stage: str) -> str:
+    return json.dumps({k: v for k, v in asdict(r).items() if k in STAGE_FIELDS[stage]}, sort_keys=True)
+
+
+def resumed(ckpt: Checkpoints, r: Recipe, seed: int) -> dict:
+    """The last checkpoint, if it was made with this seed and this recipe. A stage 3 not yet begun may have
+    another recipe (then the finished autoencoder is reused); a stage in progress may not."""
+    state = ckpt.load()
+    if not state:
+        print(f"no checkpoint in {ckpt.path.parent}: starting from scratch")
+        return {}
+    if state.get("seed") != seed or state.get("recipe_vae") != stage_recipe(r, "vae"):
+        raise SystemExit(f"{ckpt.path} was made with another seed or autoencoder recipe; drop --resume or pass "
+                         "the same flags")
+    if state.get("recipe_unet") != stage_recipe(r, "unet"):
+        if state.get("unet_step"):
+            raise SystemExit(f"{ckpt.path} is in stage 3 with another recipe; drop --resume or pass the same flags")
+        state.get("losses", {}).pop("unet", None)
+    print(f"resuming from {ckpt.path}: autoencoder step {state.get('vae_step', 0)}, "
+          f"UNet step {state.get('unet_step', 0)}")
+    return state
+
+
+def build_parser() -> argparse.ArgumentParser:
+    r = Recipe()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="decides the data, the initialisation and the noise")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="where the model goes: OUT.safetensors, OUT.yaml and the text tower's folder beside them "
+                        f"(default {DEFAULT_OUT.relative_to(ROOT)}, the built-in model)")
+    p.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "train_tiny",
+                   help="checkpoints and the loss plot")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (fixed: the sums' order depends on it)")
+    p.add_argument("--save-every", type=int, default=250, help="checkpoint every this many steps")
+    p.add_argument("--vae-steps", type=int, default=r.vae_steps)
+    p.add_argument("--unet-steps", type=int, default=r.unet_steps)
+    p.add_argument("--unet-lr", type=float, default=r.unet_lr)
+    p.add_argument("--vae-lr", type=float, default=r.vae_lr)
+    p.add_argument("--unet-batch", type=int, default=r.unet_batch)
+    p.add_argument("--vae-batch", type=int, default=r.vae_batch)
+    p.add_argument("--pool", type=int, default=r.pool)
+    p.add_argument("--factor", type=int, choices=(4, 8), default=r.vae.downsampling_factor,
+                   help="the autoencoder's downsampling factor (latents of size/factor)")
+    p.add_argument("--unet-channels", type=int, default=r.unet.model_channels)
+    p.add_argument("--unet-mult", default=",".join(map(str, r.unet.channel_mult)), help="channel_mult, e.g. 1,1,2")
+    p.add_argument("--unet-attention", default=",".join(map(str, r.unet.attention_resolutions)),
+                   help="attention_resolutions (downsampling factors), e.g. 1,2,4")
+    p.add_argument("--loss-weight", choices=("eps", "v"), default=r.loss_weight)
+    p.add_argument("--eval", type=int, default=60, help="evaluate the result on this many captions (0: skip)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    r = Recipe()
+    r = replace(r, vae=replace(r.vae, ch_mult=(1, 2, 2) if args.factor == 4 else (1, 2, 2, 2)),
+                unet=replace(r.unet, model_channels=args.unet_channels,
+                             channel_mult=tuple(int(x) for x in args.unet_mult.split(",")),
+                             attention_resolutions=tuple(int(x) for x in args.unet_attention.split(","))),
+                loss_weight=args.loss_weight)
+    r = replace(r, vae_steps=args.vae_steps, unet_steps=args.unet_steps, unet_lr=args.unet_lr,
+                vae_lr=args.vae_lr, unet_batch=args.unet_batch, pool=args.pool,
+                vae_batch=args.vae_batch)
+    ckpt = Checkpoints(args.workdir)
+    state = resumed(ckpt, r, args.seed) if args.resume else {}
+    state.update(seed=args.seed, **{f"recipe_{stage}": stage_recipe(r, stage) for stage in STAGE_FIELDS})
+    timings = state.setdefault("timings", {})
+    cpu = state.setdefault("cpu_seconds", {})
+
+    def clock(stage: str, t0: tuple) -> None:
+        timings[stage] = timings.get(stage, 0.0) + time.time() - t0[0]
+        cpu[stage] = cpu.get(stage, 0.0) + time.process_time() - t0[1]
+
+    t0 = time.time(), time.process_time()
+    vae = train_vae(r, args.seed, state, ckpt, args.save_every)
+    clock("vae", t0)
+    recon = check_reconstructions(r, args.seed, vae)
+    print(f"the pixel rule on the autoencoder's reconstructions: {recon}")
+    t0 = time.time(), time.process_time()
+    pool = encode_pool(r, args.seed, vae)
+    timings["latents"], cpu["latents"] = 0.0, 0.0
+    clock("latents", t0)
+    print(f"scale_factor = 1 / std of the latents = {pool[3]:.5f}")
+    t0 = time.time(), time.process_time()
+    unet, text, scale = train_unet(r, args.seed, state, ckpt, args.save_every, pool)
+    clock("unet", t0)
+    ckpt.save(state)
+
+    command = "python tools/train_tiny.py " + " ".join(shlex.quote(a) for a in argv)
+    metadata = {"ldm_builtin": "trained by tools/train_tiny.py", "seed": str(args.seed), "command": command,
+                "recipe": asdict(r), "autoencoder_reconstruction": recon, "wall_seconds": {k: round(v, 1) for k, v in timings.items()},
+                "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
+                "torch": torch.__version__, "threads": str(args.threads),
+                "load_average": round(float(np.mean(state["load"])), 2),  # 1-minute, sampled at each checkpoint
+                "cpus": str(os.cpu_count())}
+    path = write_model(args.out, r, unet, vae, text, scale, metadata)
+    plot_losses(state["losses"], args.workdir / "loss.png")
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), {args.out.with_suffix('.yaml')}, "
+          f"{args.workdir / 'loss.png'}")
+    print("seconds per stage (wall / CPU): " + ", ".join(f"{k} {v:.0f} / {cpu[k]:.0f}" for k, v in timings.items()))
+    if args.eval:
+        from shapes import evaluate_file
+        report = evaluate_file(path, n_seen=args.eval)
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
