@@ -16,6 +16,8 @@ SPECIAL = {"inpaint": "repaint the masked part of an image (SD 1.5 / SD 2 inpain
            "depth2img": "re-render an image keeping its depth (SD 2 depth checkpoint)",
            "upscale": "upscale an image 4x (x4 upscaler checkpoint)"}
 UI = {"ui": "the browser UI: every command in tabs, a Steps view, an API (pip install -e '.[ui]' for Gradio)"}
+TOOLS = {"batch": "many jobs from a JSONL file, resumable, locally or on a Ray cluster (pip install -e '.[ray]')",
+         "watermark": "read the invisible watermark of PNG files (pip install -e '.[watermark]')"}
 
 
 def _inspect(args) -> int:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="original YAML config (with --load)")
     p.add_argument("--ema", action="store_true", help="load the EMA UNet weights (with --load)")
     p.set_defaults(run=_inspect)
-    for name, text in {**GENERATE, **SPECIAL, **UI}.items():  # listed for --help; their own modules parse their flags
+    for name, text in {**GENERATE, **SPECIAL, **UI, **TOOLS}.items():  # listed for --help; their own modules parse their flags
         sub.add_parser(name, help=text, add_help=False)
     return parser
 
@@ -50,6 +52,12 @@ def main(argv=None) -> int:
     if argv and argv[0] in UI:
         from .ui.serve import main as ui  # the only import of the ui package (and of gradio)
         return ui(argv[1:])
+    if argv and argv[0] == "batch":
+        from .batch import main as batch  # Ray is imported there, and only with --ray
+        return batch(argv[1:])
+    if argv and argv[0] == "watermark":
+        from .watermark import main as watermark  # invisible-watermark is imported there
+        return watermark(argv[1:])
     if argv and argv[0] in SPECIAL:
         from .special_run import main as special  # the same code as tools/inpaint.py, depth2img.py, upscale.py
         return special(argv[0], argv[1:])
