@@ -2,7 +2,8 @@
 
 Every Generate is the command itself (ldm/ui/runs.py): the endpoint's parameters are named like the flags,
 `/txt2img`, `/img2img`, `/inpaint`, `/depth2img` and `/upscale` take them from gradio_client by keyword, and
-all of them share one queue slot (`concurrency_id="model"`, limit 1): one generation at a time.
+all of them share one queue slot (`concurrency_id="model"`, limit 1): one generation at a time. Bad input is a
+gr.Error with `print_exception=False`: one line in the page, no traceback in the server's terminal.
 """
 from __future__ import annotations
 
@@ -15,11 +16,18 @@ from ..errors import USER_ERRORS, one_line
 from ..images import read_parameters
 from ..special_options import DEFAULTS
 from .editor import split_editor
+from .inputs import readable
 from .models import tab_note
 from .pnginfo import parse_parameters
 from .runs import SAMPLERS, Cancelled, Runner, argv_for, stash_input
 
 QUEUE = dict(concurrency_limit=1, concurrency_id="model")
+# Small pictures (a 64-pixel latent, the preview of a tiny model) drawn large, as pixels, not as a blur
+CSS = """
+#steps-xt img, #steps-x0 img, #steps-eps img, .preview img {
+    width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
+}
+"""
 
 
 class Page:
@@ -37,10 +45,11 @@ class Page:
         """The generator behind every Generate: (preview, gallery, info) as the run goes."""
         ckpt = ckpt or next(iter(self.checkpoints))
         if ckpt not in self.checkpoints:
-            raise gr.Error(f"{ckpt}: not one of this server's checkpoints ({', '.join(self.checkpoints)})")
+            raise gr.Error(f"{ckpt}: not one of this server's checkpoints ({', '.join(self.checkpoints)})",
+                           print_exception=False)
         note = tab_note(command, ckpt, self.checkpoints[ckpt])
         if note:
-            raise gr.Error(note.replace("**", "").replace("`", ""))
+            raise gr.Error(note.replace("**", "").replace("`", ""), print_exception=False)
         preview = None
         try:
             for name in ("init_image", "mask", "depth_map"):
@@ -59,9 +68,9 @@ class Page:
                     preview = p.preview
                     yield preview, gr.skip(), gr.skip()
         except Cancelled as e:
-            raise gr.Error(str(e).capitalize(), title="Cancelled") from None
+            raise gr.Error(str(e)[:1].upper() + str(e)[1:], title="Cancelled", print_exception=False) from None
         except (*USER_ERRORS, ValueError) as e:
-            raise gr.Error(one_line(e)) from None
+            raise gr.Error(one_line(e), print_exception=False) from None
         files = [(str(p), p.name) for p in result.samples]
         files += [(str(p), label) for p, label in ((result.grid, "grid"), (result.depth, "depth used")) if p]
         text = read_parameters(result.samples[0]) if result.samples else ""
@@ -69,29 +78,31 @@ class Page:
         yield preview, files, info
 
 
-def _prompts(prompt_default: str = ""):
-    prompt = gr.Textbox(label="Prompt", value=prompt_default, lines=2)
-    negative = gr.Textbox(label="Negative prompt", value="", lines=1)
+def _prompts(command: str):
+    # value="": the API's defaults are the components' values, so these may be left out of a call
+    prompt = gr.Textbox(label="Prompt", value="", lines=2, elem_id=f"{command}-prompt")
+    negative = gr.Textbox(label="Negative prompt", value="", lines=1, elem_id=f"{command}-negative_prompt")
     return prompt, negative
 
 
 def _sampling(command: str, page: Page):
     d = DEFAULTS.get(command, dict(steps=50, scale=7.5 if command == "txt2img" else 5.0))
+    id_ = lambda name: f"{command}-{name}"  # noqa: E731  (the browser tests find the fields by these)
     with gr.Row():
-        sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler", allow_custom_value=True)
-        steps = gr.Number(d["steps"], precision=0, label="Steps")
-        scale = gr.Slider(0, 30, value=d.get("scale", 7.5), step=0.5, label="CFG scale")
+        sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler", allow_custom_value=True, elem_id=id_("sampler"))
+        steps = gr.Number(d["steps"], precision=0, label="Steps", elem_id=id_("steps"))
+        scale = gr.Slider(0, 30, value=d.get("scale", 7.5), step=0.5, label="CFG scale", elem_id=id_("scale"))
     with gr.Row():
-        seed = gr.Number(-1, precision=0, label="Seed (-1: random)")
-        n_samples = gr.Number(1, precision=0, label="Batch size (n_samples)")
-        n_iter = gr.Number(1, precision=0, label="Batch count (n_iter)")
-        every = gr.Number(5, precision=0, label="Preview every N steps (0: none)")
+        seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id=id_("seed"))
+        n_samples = gr.Number(1, precision=0, label="Batch size (n_samples)", elem_id=id_("n_samples"))
+        n_iter = gr.Number(1, precision=0, label="Batch count (n_iter)", elem_id=id_("n_iter"))
+        every = gr.Number(5, precision=0, label="Preview every N steps (0: none)", elem_id=id_("every"))
     return sampler, steps, scale, seed, n_samples, n_iter, every
 
 
 def _results(command: str):
     preview = gr.Image(label="Live preview (the linear latent preview)", interactive=False, height=256, format="png",
-                       elem_id=f"{command}-preview")
+                       elem_id=f"{command}-preview", elem_classes="preview")
     gallery = gr.Gallery(label="Saved images", columns=4, height="auto", format="png", elem_id=f"{command}-gallery")
     info = gr.Textbox(label="Parameters", lines=4, elem_id=f"{command}-info")
     with gr.Row():
@@ -121,7 +132,7 @@ def build(page: Page) -> gr.Blocks:
             with gr.Tab("Steps", id="steps"):
                 steps_tab(page, ckpt)
             with gr.Tab("PNG info", id="pnginfo"):
-                png = gr.Image(type="filepath", image_mode=None, label="Drop a PNG", sources=["upload"])
+                png = readable(gr.Image(type="filepath", image_mode=None, label="Drop a PNG", sources=["upload"]))
                 png_text = gr.Textbox(label="parameters", lines=4)
                 to_txt2img = gr.Button("Send to txt2img")
         _wire(page, ckpt, inputs, results, notes, tabs, selected)
@@ -139,29 +150,31 @@ def build(page: Page) -> gr.Blocks:
 
 def _tab_inputs(command: str, page: Page) -> dict:
     f = {}
-    f["prompt"], f["negative_prompt"] = _prompts()
+    f["prompt"], f["negative_prompt"] = _prompts(command)
     if command == "inpaint":
-        f["editor"] = gr.ImageEditor(type="pil", image_mode="RGBA", label="Image: paint over what to repaint",
-                                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False,
-                                     elem_id="inpaint-editor")
-        f["init_image"] = gr.Image(type="filepath", image_mode=None, visible=False)
-        f["mask"] = gr.Image(type="filepath", image_mode=None, visible=False)
+        f["editor"] = readable(gr.ImageEditor(type="pil", image_mode="RGBA",
+                                              label="Image: paint over what to repaint",
+                                              brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False,
+                                              elem_id="inpaint-editor"))
+        f["init_image"] = readable(gr.Image(type="filepath", image_mode=None, visible=False))
+        f["mask"] = readable(gr.Image(type="filepath", image_mode=None, visible=False))
         f["api"] = gr.Button(visible=False)
     elif command != "txt2img":
-        f["init_image"] = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
+        f["init_image"] = readable(gr.Image(type="filepath", image_mode=None, label="Image",
+                                            sources=["upload", "clipboard"], elem_id=f"{command}-init_image"))
     if command == "depth2img":
-        f["depth_map"] = gr.Image(type="filepath", image_mode=None, label="Depth map (optional: else MiDaS)",
-                                  sources=["upload"])
+        f["depth_map"] = readable(gr.Image(type="filepath", image_mode=None, label="Depth map (optional: else MiDaS)",
+                                           sources=["upload"], elem_id="depth2img-depth_map"))
     f["sampler"], f["steps"], f["scale"], f["seed"], f["n_samples"], f["n_iter"], f["every"] = _sampling(command, page)
     if command == "txt2img":
         with gr.Row():
-            f["width"] = gr.Number(page.size(), precision=0, label="Width")
-            f["height"] = gr.Number(page.size(), precision=0, label="Height")
+            f["width"] = gr.Number(page.size(), precision=0, label="Width", elem_id="txt2img-width")
+            f["height"] = gr.Number(page.size(), precision=0, label="Height", elem_id="txt2img-height")
     if command in ("img2img", "depth2img"):
         f["strength"] = gr.Slider(0, 1, value=0.75 if command == "img2img" else 0.9, step=0.01,
-                                  label="Denoising strength")
+                                  label="Denoising strength", elem_id=f"{command}-strength")
     if command == "upscale":
-        f["noise_level"] = gr.Slider(0, 350, value=20, step=1, label="Noise level")
+        f["noise_level"] = gr.Slider(0, 350, value=20, step=1, label="Noise level", elem_id="upscale-noise_level")
     f["generate"] = gr.Button("Generate", variant="primary", elem_id=f"{command}-generate")
     return f
 
@@ -171,7 +184,7 @@ def _endpoints(page: Page):
     def txt2img(prompt, negative_prompt, steps, sampler, scale, seed, n_samples, n_iter, width, height, ckpt,
                 every=5, progress=gr.Progress()):
         if not (prompt or "").strip():
-            raise gr.Error("Type a prompt: txt2img draws what the prompt says")
+            raise gr.Error("Type a prompt: txt2img draws what the prompt says", print_exception=False)
         yield from page.run("txt2img", ckpt, every, progress, prompt=prompt, negative_prompt=negative_prompt,
                             steps=steps, sampler=sampler, scale=scale, seed=seed, n_samples=n_samples,
                             n_iter=n_iter, width=width, height=height)
@@ -194,7 +207,7 @@ def _endpoints(page: Page):
         try:
             init_image, mask = split_editor(editor, page.outdir)
         except USER_ERRORS as e:
-            raise gr.Error(one_line(e)) from None
+            raise gr.Error(one_line(e), print_exception=False) from None
         yield from inpaint(prompt, negative_prompt, init_image, mask, steps, sampler, scale, seed, n_samples,
                            n_iter, ckpt, every, progress)
 
@@ -217,7 +230,7 @@ def _endpoints(page: Page):
 
 def _needs(image, what: str):
     if not image:
-        raise gr.Error(f"Upload {what}")
+        raise gr.Error(f"Upload {what}", print_exception=False)
     return image
 
 
@@ -255,7 +268,7 @@ def _picked(evt: gr.SelectData):
 def _send(to: str):
     def send(path):
         if not path:
-            raise gr.Error("Make or pick an image first")
+            raise gr.Error("Make or pick an image first", print_exception=False)
         value = {"background": path, "layers": [], "composite": path} if to == "inpaint" else path
         return value, gr.Tabs(selected=to)
     return send

@@ -118,10 +118,25 @@ class Runner:
         self._model = None          # (key, model)
         self._fits: dict[str, LatentRGB] = {}
         self._cancel = threading.Event()
+        self._done = 0              # steps finished in the running batch
+        self._pressed_after = 0     # ... when Cancel came (the message names both: "within one step" shows)
         self.lock = threading.Lock()
 
     def cancel(self) -> None:
+        self._pressed_after = self._done
         self._cancel.set()
+
+    def begin(self) -> None:
+        """A new run: a Cancel pressed before it does not stop it."""
+        self._cancel.clear()
+        self._done = 0
+
+    def check_cancel(self, index: int, total: int, where: str = "", saved: str = "") -> None:
+        """Raise Cancelled when Cancel was pressed; called with each step's 0-based index before it is used."""
+        if self._cancel.is_set():
+            raise Cancelled(f"cancelled at step {index + 1} of {total}{where} (Cancel came after step "
+                            f"{self._pressed_after}){saved}")
+        self._done = index + 1
 
     def current(self):
         """The loaded model (the Steps tab decodes with the one its run used)."""
@@ -153,7 +168,7 @@ class Runner:
     def run(self, command: str, argv: list[str], every: int = 5) -> Iterator[Progress]:
         """Validate, load (or reuse), sample and save, as the command does; yields a Progress every step and
         returns (as StopIteration.value, `yield from`'s value) the Result."""
-        self._cancel.clear()
+        self.begin()
         args, plan, check = parse(command, argv)
         model = self.model(args, plan, check)
         result = Result(command_line(command, argv), notes=list(model.notes))
@@ -163,10 +178,10 @@ class Runner:
         batches = [(n, b, prompts) for n in range(args.n_iter) for b, prompts in enumerate(plan.batches)]
         for k, (n, b, prompts) in enumerate(batches):
             steps, x = batch_steps(prompts)
+            self._done = 0
             for step in steps:
-                if self._cancel.is_set():
-                    raise Cancelled(f"cancelled at step {step.index + 1} of {step.total} of batch {k + 1}"
-                                    + (f"; {len(writer.samples)} image(s) of earlier batches saved" if k else ""))
+                self.check_cancel(step.index, step.total, f" of batch {k + 1}",
+                                  f"; {len(writer.samples)} image(s) of earlier batches saved" if k else "")
                 show = every > 0 and (step.index % every == every - 1 or step.index == step.total - 1)
                 preview = self.preview(model, str(plan.ckpt), step.pred_x0) if show else None
                 yield Progress(step.index, step.total, f"batch {k + 1}/{len(batches)}", preview)

@@ -59,13 +59,14 @@ def start(args, block: bool = True):
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("the UI needs Gradio: pip install -e '.[ui]'") from None
-    from .app import Page, build
+    from .app import CSS, Page, build
 
     demo = build(Page(checkpoints, outdir, args.device))
     demo.queue(default_concurrency_limit=1)
     print(f"serving {len(checkpoints)} checkpoint(s); results go to {outdir}", flush=True)
     _, url, _ = demo.launch(server_name=host, server_port=args.port, allowed_paths=[str(outdir)], show_error=True,
-                            prevent_thread_lock=True, ssr_mode=False, quiet=True, footer_links=["api"])
+                            prevent_thread_lock=True, ssr_mode=False, quiet=True, footer_links=["api"],
+                            css=CSS)
     print(f"open {url} in a browser (Ctrl-C stops the server)", flush=True)
     if block:
         demo.block_thread()

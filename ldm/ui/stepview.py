@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .. import pipeline
 from ..errors import USER_ERRORS, one_line
 from ..images import to_uint8
-from .runs import SAMPLERS, argv_for, parse
+from .runs import SAMPLERS, Cancelled, argv_for, parse
 
 
 def channels_as_rgb(latent: torch.Tensor, size: int) -> np.ndarray:
@@ -28,13 +28,17 @@ def record(page, ckpt, prompt, negative_prompt, sampler, steps, scale, seed, wid
                     sampler=sampler, steps=steps, scale=scale, seed=seed, width=width, height=height,
                     n_samples=1, n_iter=1)
     args, plan, check = parse("txt2img", argv)
+    page.runner.begin()
     model = page.runner.model(args, plan, check)
     generator = pipeline.make_generators(args.seed, 1, args.seed_mode)
     run = pipeline.txt2img_steps(model, plan.batches[0], negative_prompt=args.negative_prompt, n_samples=1,
                                  height=plan.height, width=plan.width, steps=args.ddim_steps, sampler=plan.spec.name,
                                  schedule=plan.spec.schedule, scale=args.scale, eta=args.ddim_eta, generator=generator)
-    kept = [dict(x=s.x.cpu(), eps=s.eps.cpu(), pred_x0=s.pred_x0.cpu(),
-                 where=f"t = {s.t}" if s.t is not None else f"σ = {s.sigma:.4g}") for s in run]
+    kept = []
+    for s in run:
+        page.runner.check_cancel(s.index, s.total)  # Cancel stops this run too, at the next step
+        kept.append(dict(x=s.x.cpu(), eps=s.eps.cpu(), pred_x0=s.pred_x0.cpu(),
+                         where=f"t = {s.t}" if s.t is not None else f"σ = {s.sigma:.4g}"))
     return {"argv": argv, "steps": kept, "height": plan.height, "decoded": {}}
 
 
@@ -51,7 +55,7 @@ def show(page, state, index: int):
 
 def export(page, state):
     if not state:
-        raise gr.Error("Run first")
+        raise gr.Error("Run first", print_exception=False)
     from ..filmstrip import main as steps_command
 
     argv = list(state["argv"])
@@ -66,31 +70,36 @@ def export(page, state):
 
 def steps_tab(page, ckpt):
     with gr.Row():
-        prompt = gr.Textbox(label="Prompt", lines=2, scale=3)
-        negative = gr.Textbox(label="Negative prompt", lines=2, scale=2)
+        prompt = gr.Textbox(label="Prompt", lines=2, scale=3, elem_id="steps-prompt")
+        negative = gr.Textbox(label="Negative prompt", lines=2, scale=2, elem_id="steps-negative_prompt")
     with gr.Row():
-        sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler", allow_custom_value=True)
-        steps = gr.Number(20, precision=0, label="Steps")
-        scale = gr.Slider(0, 30, value=7.5, step=0.5, label="CFG scale")
-        seed = gr.Number(42, precision=0, label="Seed (-1: random)")
-        width = gr.Number(page.size(), precision=0, label="Width")
-        height = gr.Number(page.size(), precision=0, label="Height")
+        sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler", allow_custom_value=True,
+                              elem_id="steps-sampler")
+        steps = gr.Number(20, precision=0, label="Steps", elem_id="steps-steps")
+        scale = gr.Slider(0, 30, value=7.5, step=0.5, label="CFG scale", elem_id="steps-scale")
+    with gr.Row():
+        seed = gr.Number(42, precision=0, label="Seed (-1: random)", elem_id="steps-seed")
+        width = gr.Number(page.size(), precision=0, label="Width", elem_id="steps-width")
+        height = gr.Number(page.size(), precision=0, label="Height", elem_id="steps-height")
     run = gr.Button("Run", variant="primary", elem_id="steps-run")
     state = gr.State(None)
     slider = gr.Slider(1, 20, value=1, step=1, label="Step", elem_id="steps-slider")
     where = gr.Markdown(elem_id="steps-where")
     with gr.Row():
-        x_t = gr.Image(label="x_t (latent channels 0-2)", interactive=False, elem_id="steps-xt")
-        x0 = gr.Image(label="predicted x0 (decoded)", interactive=False, elem_id="steps-x0")
-        eps = gr.Image(label="noise estimate ε (latent channels 0-2)", interactive=False, elem_id="steps-eps")
+        x_t = gr.Image(label="x_t (latent channels 0-2)", interactive=False, height=320, elem_id="steps-xt")
+        x0 = gr.Image(label="predicted x0 (decoded)", interactive=False, height=320, elem_id="steps-x0")
+        eps = gr.Image(label="noise estimate ε (latent channels 0-2)", interactive=False, height=320,
+                       elem_id="steps-eps")
     export_button = gr.Button("Export filmstrip + GIF")
     files = gr.File(label="Filmstrip and GIF", file_count="multiple")
 
     def go(ckpt_, prompt_, negative_, sampler_, steps_, scale_, seed_, width_, height_):
         try:
             st = record(page, ckpt_, prompt_, negative_, sampler_, steps_, scale_, seed_, width_, height_)
+        except Cancelled as e:
+            raise gr.Error(str(e)[:1].upper() + str(e)[1:], title="Cancelled", print_exception=False) from None
         except (*USER_ERRORS, ValueError) as e:
-            raise gr.Error(one_line(e)) from None
+            raise gr.Error(one_line(e), print_exception=False) from None
         n = len(st["steps"])
         return st, gr.Slider(1, n, value=n, step=1, label="Step"), *show(page, st, n - 1)
 
