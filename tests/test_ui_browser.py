@@ -183,3 +183,38 @@ def test_bad_input_is_a_message_in_the_page_and_the_server_keeps_serving(page, s
 def test_a_tab_the_checkpoint_does_not_fit_says_which_it_needs(page, tab, needs):
     page.get_by_role("tab", name=tab, exact=True).click()
     page.get_by_text(f"sd1_tiny.ckpt is a sd1 checkpoint: this tab needs {needs}").filter(visible=True).wait_for()
+
+
+def test_png_info_fills_txt2img_and_send_to_img2img_takes_the_image(page, server, tmp_path):
+    from ldm.images import a1111_parameters
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    text = a1111_parameters("a green square, in the center", "blurry", 7, "DPM++ 2M Karras", 6.5, 1234, 64, 48,
+                            "abc", "m", {})
+    info = PngInfo()
+    info.add_text("parameters", text)
+    dropped = tmp_path / "made-elsewhere.png"
+    Image.new("RGB", (64, 48), (0, 128, 0)).save(dropped, pnginfo=info)
+    page.get_by_role("tab", name="PNG info", exact=True).click()
+    page.locator("#pnginfo-image input[type=file]").set_input_files(str(dropped))
+    page.wait_for_function("() => document.querySelector('#pnginfo-text textarea').value.includes('Seed: 1234')",
+                           timeout=SLOW)
+    page.get_by_role("button", name="Send to txt2img").click()
+    prompt = page.locator("#txt2img-prompt textarea")
+    prompt.filter(visible=True).wait_for()
+    page.wait_for_function("() => document.querySelector('#txt2img-seed input').value === '1234'", timeout=SLOW)
+    got = {k: page.locator(f"#txt2img-{k} textarea, #txt2img-{k} input").first.input_value()
+           for k in ("prompt", "negative_prompt", "steps", "seed", "width", "height", "sampler")}
+    assert got == {"prompt": "a green square, in the center", "negative_prompt": "blurry", "steps": "7",
+                   "seed": "1234", "width": "64", "height": "48", "sampler": "DPM++ 2M Karras"}
+
+    _, outdir = server
+    before = samples(outdir)
+    generate_small(page, "a red circle at the top left", seed=5)
+    page.locator("#txt2img-gallery img").first.wait_for(timeout=SLOW)
+    (saved,) = samples(outdir) - before
+    page.locator("#txt2img-sends button", has_text="Send to img2img").click()
+    sent = page.locator("#img2img-init_image img")
+    sent.wait_for(timeout=SLOW)
+    assert image_bytes(page, sent) == saved.read_bytes(), "img2img's input is the saved image"

@@ -103,9 +103,10 @@ def _sampling(command: str, page: Page):
 def _results(command: str):
     preview = gr.Image(label="Live preview (the linear latent preview)", interactive=False, height=256, format="png",
                        elem_id=f"{command}-preview", elem_classes="preview")
-    gallery = gr.Gallery(label="Saved images", columns=4, height="auto", format="png", elem_id=f"{command}-gallery")
+    gallery = gr.Gallery(label="Saved images", columns=4, height="auto", format="png", interactive=False,
+                         elem_id=f"{command}-gallery")
     info = gr.Textbox(label="Parameters", lines=4, elem_id=f"{command}-info")
-    with gr.Row():
+    with gr.Row(elem_id=f"{command}-sends"):
         sends = {to: gr.Button(f"Send to {to}", size="sm") for to in ("img2img", "inpaint", "upscale")}
     return preview, gallery, info, sends
 
@@ -118,7 +119,6 @@ def build(page: Page) -> gr.Blocks:
         with gr.Row():
             ckpt = gr.Dropdown(list(page.checkpoints), value=first, label="Checkpoint", scale=4)
             cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="cancel")
-        selected = gr.State(None)  # the image the send-to buttons send
         notes, results, inputs = {}, {}, {}
         with gr.Tabs() as tabs:
             for command in ("txt2img", "img2img", "inpaint", "depth2img", "upscale"):
@@ -132,10 +132,11 @@ def build(page: Page) -> gr.Blocks:
             with gr.Tab("Steps", id="steps"):
                 steps_tab(page, ckpt)
             with gr.Tab("PNG info", id="pnginfo"):
-                png = readable(gr.Image(type="filepath", image_mode=None, label="Drop a PNG", sources=["upload"]))
-                png_text = gr.Textbox(label="parameters", lines=4)
+                png = readable(gr.Image(type="filepath", image_mode=None, label="Drop a PNG", sources=["upload"],
+                                        elem_id="pnginfo-image"))
+                png_text = gr.Textbox(label="parameters", lines=4, elem_id="pnginfo-text")
                 to_txt2img = gr.Button("Send to txt2img")
-        _wire(page, ckpt, inputs, results, notes, tabs, selected)
+        _wire(page, ckpt, inputs, results, tabs)
         png.change(_png_text, png, png_text, api_visibility="private")
         t = inputs["txt2img"]
         form = [t["prompt"], t["negative_prompt"], t["steps"], t["sampler"], t["scale"], t["seed"], t["width"],
@@ -234,7 +235,7 @@ def _needs(image, what: str):
     return image
 
 
-def _wire(page: Page, ckpt, inputs, results, notes, tabs, selected):
+def _wire(page: Page, ckpt, inputs, results, tabs):
     fns = _endpoints(page)
     import inspect
 
@@ -246,17 +247,20 @@ def _wire(page: Page, ckpt, inputs, results, notes, tabs, selected):
         outputs = [preview, gallery, info]
         if command == "inpaint":  # the page paints its mask; the API takes two images
             page_names = [n for n in inspect.signature(fns["inpaint_page"]).parameters if n != "progress"]
-            f["generate"].click(fns["inpaint_page"], [ckpt if n == "ckpt" else f[n] for n in page_names], outputs,
-                                api_visibility="private", **QUEUE)
+            run = f["generate"].click(fns["inpaint_page"], [ckpt if n == "ckpt" else f[n] for n in page_names],
+                                      outputs, api_visibility="private", **QUEUE)
             f["api"].click(fn, comps, outputs, api_name=command, **QUEUE)
         else:
-            f["generate"].click(fn, comps, outputs, api_name=command, **QUEUE)
-        gallery.select(_picked, None, selected, api_visibility="private")
-        gallery.change(lambda g: g[0][0] if g else None, gallery, selected, api_visibility="private")
+            run = f["generate"].click(fn, comps, outputs, api_name=command, **QUEUE)
+        # what this tab's send-to buttons send: the run's first image, or the one clicked in the gallery
+        # (a Gallery's .change does not fire for a generator's output, so it follows the run's success)
+        chosen = gr.State(None)
+        run.success(lambda g: g[0][0] if g else None, gallery, chosen, api_visibility="private")
+        gallery.select(_picked, None, chosen, api_visibility="private")
         targets = {"img2img": inputs["img2img"]["init_image"], "inpaint": inputs["inpaint"]["editor"],
                    "upscale": inputs["upscale"]["init_image"]}
         for to, button in sends.items():
-            button.click(_send(to), selected, [targets[to], tabs], api_visibility="private")
+            button.click(_send(to), chosen, [targets[to], tabs], api_visibility="private")
 
 
 def _picked(evt: gr.SelectData):
