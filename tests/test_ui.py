@@ -181,6 +181,36 @@ def test_steps_tab_keeps_every_step_and_exports_the_steps_commands_files(tmp_pat
     assert sorted(Path(f).suffix for f in files) == [".gif", ".png"]
 
 
+def test_cancel_stops_the_steps_tabs_run_too(tmp_path, one_thread):
+    import re
+    import threading
+    import time
+
+    from ldm.ui.app import Page
+    from ldm.ui.runs import Cancelled
+    from ldm.ui.stepview import record
+
+    page = Page({str(FIXTURES["sd1_tiny"] / "sd1_tiny.ckpt"): "sd1"}, tmp_path, "cpu")
+    caught = []
+
+    def run():
+        try:
+            record(page, next(iter(page.checkpoints)), "a red circle", "", "DDIM", 200, 7.5, 3, 64, 64)
+        except Cancelled as e:
+            caught.append(str(e))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while page.runner._done < 2 and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    page.runner.cancel()
+    worker.join(120)
+    assert caught, "the run was not cancelled"
+    stopped, pressed = map(int, re.search(r"step (\d+) of 200 \(Cancel came after step (\d+)\)", caught[0]).groups())
+    assert pressed >= 2 and stopped - pressed <= 1, caught[0]
+
+
 def test_png_info_reads_back_what_the_writer_wrote():
     from ldm.images import a1111_parameters
     from ldm.ui.pnginfo import parse_parameters
