@@ -93,7 +93,7 @@ def depth2img_steps(model: LatentDiffusion, image: torch.Tensor, prompt: Prompts
                     depth: Optional[torch.Tensor] = None, strength: float = 0.9, negative_prompt: Prompts = "",
                     n_samples: int = 1, steps: int = 50, sampler: str = "ddim", schedule: Optional[str] = None,
                     scale: float = 9.0, eta: Optional[float] = None,
-                    generator: Generators = None) -> Iterator[Step]:
+                    generator: Generators = None, prompt_syntax: str = "original") -> Iterator[Step]:
     """The sampler's steps re-rendering `image` ((1 or n, 3, H, W) in [-1, 1]) with its depth kept.
 
     depth: the raw depth (larger = nearer), [1 or n, 1, H', W'] of any size; None: `estimate_depth`."""
@@ -105,13 +105,14 @@ def depth2img_steps(model: LatentDiffusion, image: torch.Tensor, prompt: Prompts
     z = encode_image(model, image.float().expand(n, *image.shape[1:]), generator)
     depth = estimate_depth(model, image[:1]) if depth is None else depth
     c_concat = normalize_depth(depth.expand(n, 1, *depth.shape[-2:]), tuple(z.shape[-2:])).to(z.device)
-    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale, c_concat=c_concat)
+    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale, c_concat=c_concat,
+                        prompt_syntax=prompt_syntax, steps=steps)
     noise = noise_like(z, generator)
     if strength == 1.0:  # the script's do_full_sample: randn_like(z) itself, then its t_enc = steps - 1 steps
         x, sched = start_for(spec, noise, model.alphas_cumprod, steps, t_start=t_enc)
     else:
         x, sched = start_for(spec, noise, model.alphas_cumprod, steps, x0=z, t_start=t_enc)
-    yield from _checked(spec.fn(denoise, x, sched, generator=generator, **options))
+    yield from _checked(spec.fn(denoise, x, sched, generator=generator, **options), denoise)
 
 
 def depth2img(model: LatentDiffusion, image: torch.Tensor, prompt: Prompts, *, seed: int = 42, n_iter: int = 1,

@@ -76,7 +76,8 @@ def inpaint_conditioning(model: LatentDiffusion, image: torch.Tensor, mask: torc
 def inpaint_steps(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor, prompt: Prompts, *,
                   negative_prompt: Prompts = "", n_samples: int = 1, steps: int = STEPS, sampler: str = "ddim",
                   schedule: Optional[str] = None, scale: Optional[float] = None, eta: Optional[float] = None,
-                  generator: Generators = None, x_T: Optional[torch.Tensor] = None) -> Iterator[Step]:
+                  generator: Generators = None, x_T: Optional[torch.Tensor] = None,
+                  prompt_syntax: str = "original") -> Iterator[Step]:
     """The sampler's steps repainting where `mask` is 1; the last `x_next` is the latent.
 
     image: (1 or n, 3, H, W) in [-1, 1], H and W multiples of the VAE's factor; mask: (1 or n, 1, H, W) in
@@ -92,9 +93,10 @@ def inpaint_steps(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tenso
 
         x_T = randn(latent_shape(model, n, *image.shape[-2:]), generator)
     c_concat = inpaint_conditioning(model, image, mask, n, generator)
-    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale, c_concat=c_concat)
+    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale, c_concat=c_concat,
+                        prompt_syntax=prompt_syntax, steps=steps)
     x, sched = start_for(spec, x_T.to(model.placement.device), model.alphas_cumprod, steps)
-    yield from _checked(spec.fn(denoise, x, sched, generator=generator, **options))
+    yield from _checked(spec.fn(denoise, x, sched, generator=generator, **options), denoise)
 
 
 def inpaint(model: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor, prompt: Prompts, *, seed: int = 0,

@@ -14,6 +14,10 @@ the original scripts' order:
 `seed_mode="original"` draws the whole batch from one generator (on the CPU: the original's noise);
 `"per-sample"` gives image i its own generator seeded `seed + i` for all of its draws, so image i is
 the same whether it is made alone or in a batch.
+
+`prompt_syntax="original"` (the default) encodes prompts as the original scripts (77 tokens, brackets are
+text); `"a1111"` as AUTOMATIC1111 (ldm/prompts.py: weights, long prompts in chunks, BREAK; prompt editing
+and alternation switch the conditioning at the steps ldm/prompt_schedule.py says).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from samplers.registry import SamplerSpec, resolve_sampler
 from samplers.spaces import denoiser_for, start_for
 
 from .loading import LatentDiffusion
+from .prompts import Conditioning, check_syntax, pad_to
 
 Prompts = Union[str, list[str]]
 _HALVES = (torch.float16, torch.bfloat16)
@@ -133,10 +138,12 @@ PIPELINE_OF = {"sd1_inpaint": "inpaint", "sd2_inpaint": "inpaint", "sd2_depth": 
 
 
 def _denoiser(model: LatentDiffusion, spec: SamplerSpec, prompts: list[str], negative: list[str], scale: float,
-              c_concat: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None):
+              c_concat: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, *,
+              prompt_syntax: str = "original", steps: int = 0):
     """The guided denoiser over the prompts' text conditioning, plus for the hybrid models the channels
     concatenated to the latent (`c_concat`) and the class label (`y`): both halves of the guided batch get
-    the same ones, as in the original scripts."""
+    the same ones, as in the original scripts. With the a1111 syntax, a `_Switching` denoiser over a run
+    of `steps` steps (`_checked` moves it on)."""
     if model.parameterization is None:
         raise ValueError("the model's prediction type (eps or v) is not known; load it with prediction=\"eps\" or \"v\"")
     extra = 0 if c_concat is None else c_concat.shape[1]
@@ -145,15 +152,50 @@ def _denoiser(model: LatentDiffusion, spec: SamplerSpec, prompts: list[str], neg
         raise ValueError(f"this {model.family} model's UNet takes {model.config.unet.in_channels} input channels, "
                          f"not {model.config.vae.embed_dim} + {extra}"
                          + (f"; use ldm.pipeline.{needs}" if needs and c_concat is None else ""))
-    cond = encode_text(model, prompts)
+    hybrid = {k: v for k, v in (("c_concat", c_concat), ("y", y)) if v is not None}
+
+    def make(cond: torch.Tensor, uncond: Optional[torch.Tensor]):
+        if hybrid:
+            cond = {"c_crossattn": cond, **hybrid}
+            uncond = None if uncond is None else {"c_crossattn": uncond, **hybrid}
+        return denoiser_for(spec, model.unet, cond, uncond, scale, model.parameterization, model.alphas_cumprod,
+                            dtype=model.placement.dtype)
+
+    if check_syntax(prompt_syntax) == "a1111":
+        return _Switching(model, make, prompts, negative if scale != 1.0 else None, steps)
     # The original encodes the empty string for the unconditional half, never zeros.
-    uncond = encode_text(model, negative) if scale != 1.0 else None
-    if c_concat is not None or y is not None:
-        hybrid = {k: v for k, v in (("c_concat", c_concat), ("y", y)) if v is not None}
-        cond = {"c_crossattn": cond, **hybrid}
-        uncond = None if uncond is None else {"c_crossattn": uncond, **hybrid}
-    return denoiser_for(spec, model.unet, cond, uncond, scale, model.parameterization, model.alphas_cumprod,
-                        dtype=model.placement.dtype)
+    return make(encode_text(model, prompts), encode_text(model, negative) if scale != 1.0 else None)
+
+
+class _Switching:
+    """The a1111 denoiser: the guided denoiser of the texts in force at the current step (prompt editing,
+    alternation), one built per distinct pair of cond/uncond texts. The shorter of cond and uncond is
+    padded with the empty prompt's chunk, as A1111's "pad prompt/negative prompt to be same length"."""
+
+    def __init__(self, model: LatentDiffusion, make, prompts: list[str], negative: Optional[list[str]], steps: int):
+        self.make, self.built = make, {}
+        self.cond = Conditioning(model, prompts, steps)
+        self.uncond = None if negative is None else Conditioning(model, negative, steps)
+        self.empty = None if negative is None else Conditioning(model, [""], steps).at(0)
+        self.at(0)
+
+    def at(self, step: int) -> None:
+        """Condition from `step` (counted from 0) on."""
+        key = (tuple(self.cond.texts_at(step)), None if self.uncond is None else tuple(self.uncond.texts_at(step)))
+        if key not in self.built:
+            cond, uncond = self.cond.at(step), None if self.uncond is None else self.uncond.at(step)
+            for c in (cond, uncond, self.empty):
+                if c is not None:
+                    check_finite(c, "the text encoder's output", "the checkpoint's text-encoder weights are damaged "
+                                 "(python -m ldm inspect shows the file)")
+            if uncond is not None:
+                length = max(cond.shape[1], uncond.shape[1])
+                cond, uncond = pad_to(cond, length, self.empty), pad_to(uncond, length, self.empty)
+            self.built[key] = self.make(cond, uncond)
+        self.current = self.built[key]
+
+    def __call__(self, x, t):
+        return self.current(x, t)
 
 
 def _options(spec: SamplerSpec, eta: float) -> dict:
@@ -168,22 +210,26 @@ def _options(spec: SamplerSpec, eta: float) -> dict:
 def txt2img_steps(model: LatentDiffusion, prompt: Prompts, *, negative_prompt: Prompts = "", n_samples: int = 1,
                   height: int = 512, width: int = 512, steps: int = 50, sampler: str = "plms",
                   schedule: Optional[str] = None, scale: float = 7.5, eta: float = 0.0,
-                  generator: Generators = None, x_T: Optional[torch.Tensor] = None) -> Iterator[Step]:
+                  generator: Generators = None, x_T: Optional[torch.Tensor] = None,
+                  prompt_syntax: str = "original") -> Iterator[Step]:
     """The sampler's steps for one batch of `n_samples` images; the last `x_next` is the latent.
     x_T: unit-variance starting noise (drawn from `generator` when not given)."""
     spec = resolve_sampler(sampler, schedule)
     options = _options(spec, eta)
-    denoise = _denoiser(model, spec, _batch(prompt, n_samples), _batch(negative_prompt, n_samples), scale)
+    denoise = _denoiser(model, spec, _batch(prompt, n_samples), _batch(negative_prompt, n_samples), scale,
+                        prompt_syntax=prompt_syntax, steps=steps)
     if x_T is None:
         x_T = randn(latent_shape(model, n_samples, height, width), generator)
     x, schedule = start_for(spec, x_T.to(model.placement.device), model.alphas_cumprod, steps)
-    yield from _checked(spec.fn(denoise, x, schedule, generator=generator, **options))
+    yield from _checked(spec.fn(denoise, x, schedule, generator=generator, **options), denoise)
 
 
-def _checked(steps: Iterator[Step]) -> Iterator[Step]:
+def _checked(steps: Iterator[Step], denoise=None) -> Iterator[Step]:
     """The sampler's steps, each one's prediction checked, so that the first NaN is named by its step, not
     found later as a black image. On the CPU before the step is handed on; on an accelerator reading a flag
-    would stall its queue every step, so the flags stay there and are read once, when the run ends."""
+    would stall its queue every step, so the flags stay there and are read once, when the run ends.
+    A `_Switching` denoiser is moved on to the next step's texts once a step is handed on (the sampler
+    computes the next step only when asked for it)."""
     hint = "the UNet's weights are damaged, or the settings diverge (a very large --scale?)"
     pending: list[tuple[str, torch.Tensor]] = []
     for step in steps:
@@ -193,6 +239,8 @@ def _checked(steps: Iterator[Step]) -> Iterator[Step]:
         else:
             pending.append((where, torch.isfinite(step.pred_x0).all()))
         yield step
+        if isinstance(denoise, _Switching):
+            denoise.at(step.index + 1)
     if pending and not bool(torch.stack([finite for _, finite in pending]).all()):
         raise NonFiniteError(f"{next(w for w, finite in pending if not finite)} holds NaN or Inf values; {hint}")
 
@@ -207,7 +255,7 @@ def strength_to_steps(strength: float, steps: int) -> int:
 def img2img_steps(model: LatentDiffusion, init_latent: torch.Tensor, prompt: Prompts, *, strength: float = 0.8,
                   negative_prompt: Prompts = "", steps: int = 50, sampler: str = "ddim",
                   schedule: Optional[str] = None, scale: float = 7.5, eta: float = 0.0,
-                  generator: Generators = None) -> Iterator[Step]:
+                  generator: Generators = None, prompt_syntax: str = "original") -> Iterator[Step]:
     """Noise `init_latent` (scaled, from `encode_image`) to `t_enc = int(strength * steps)` and denoise
     from there, as the original img2img: the last `t_enc` steps of the `steps`-step schedule.
 
@@ -217,10 +265,11 @@ def img2img_steps(model: LatentDiffusion, init_latent: torch.Tensor, prompt: Pro
     options = _options(spec, eta)
     t_enc = strength_to_steps(strength, steps)
     n = init_latent.shape[0]
-    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale)
+    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale,
+                        prompt_syntax=prompt_syntax, steps=steps)
     x0 = init_latent.to(model.placement.device)
     x, schedule = start_for(spec, noise_like(x0, generator), model.alphas_cumprod, steps, x0=x0, t_start=t_enc)
-    yield from _checked(spec.fn(denoise, x, schedule, generator=generator, **options))
+    yield from _checked(spec.fn(denoise, x, schedule, generator=generator, **options), denoise)
 
 
 def txt2img(model: LatentDiffusion, prompt: Prompts, *, seed: int = 42, n_iter: int = 1,

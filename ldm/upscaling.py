@@ -71,7 +71,8 @@ def upscale_conditioning(model: LatentDiffusion, image: torch.Tensor, n: int, no
 def upscale_steps(model: LatentDiffusion, image: torch.Tensor, prompt: Prompts, *, noise_level: int = NOISE_LEVEL,
                   negative_prompt: Prompts = "", n_samples: int = 1, steps: int = STEPS, sampler: str = "ddim",
                   schedule: Optional[str] = None, scale: float = SCALE, eta: Optional[float] = None,
-                  generator: Generators = None, x_T: Optional[torch.Tensor] = None) -> Iterator[Step]:
+                  generator: Generators = None, x_T: Optional[torch.Tensor] = None,
+                  prompt_syntax: str = "original") -> Iterator[Step]:
     """The sampler's steps of a 4x upscale of `image` ((1 or n, 3, h, w) in [-1, 1]); the last `x_next` is the
     latent (h x w, decoding to 4h x 4w). x_T: unit start noise (the script's numpy one:
     `NumpyStartCodes(seed, n).draw((n, 4, h, w))`; drawn from `generator` when not given)."""
@@ -82,9 +83,10 @@ def upscale_steps(model: LatentDiffusion, image: torch.Tensor, prompt: Prompts, 
     if x_T is None:
         x_T = randn((n, model.config.vae.embed_dim, *image.shape[-2:]), generator)
     c_concat, y = upscale_conditioning(model, image, n, noise_level, generator)
-    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale, c_concat=c_concat, y=y)
+    denoise = _denoiser(model, spec, _batch(prompt, n), _batch(negative_prompt, n), scale, c_concat=c_concat, y=y,
+                        prompt_syntax=prompt_syntax, steps=steps)
     x, sched = start_for(spec, x_T.to(model.placement.device), model.alphas_cumprod, steps)
-    yield from _checked(spec.fn(denoise, x, sched, generator=generator, **options))
+    yield from _checked(spec.fn(denoise, x, sched, generator=generator, **options), denoise)
 
 
 def upscale(model: LatentDiffusion, image: torch.Tensor, prompt: Prompts, *, seed: int = 42, n_iter: int = 1,
