@@ -50,7 +50,7 @@ def _first_batch(command: str, args):
     steps = pipeline.txt2img_steps(model, prompts, negative_prompt=args.negative_prompt, n_samples=len(prompts),
                                    height=plan.height, width=plan.width, steps=args.ddim_steps,
                                    sampler=plan.spec.name, schedule=plan.spec.schedule, scale=args.scale,
-                                   eta=args.ddim_eta, generator=generator)
+                                   eta=args.ddim_eta, generator=generator, prompt_syntax=args.prompt_syntax)
     return model, plan, prompts, steps
 
 

@@ -56,32 +56,59 @@ def _first(generators, k: int):
     return generators if isinstance(generators, torch.Generator) else generators[:k]
 
 
+def seeded(args, plan: RunPlan, generators, make=pipeline.make_generators):
+    """batch -> (key, generators): the run's (key None), or those of an A1111 --from-file line's own --seed
+    (key: the batch), made once, so that each iteration continues them as it continues the run's."""
+    own = {}
+
+    def of(b: int):
+        seed = plan.line(b).seed
+        if seed is None:
+            return None, generators
+        if b not in own:
+            own[b] = make(seed, args.n_samples, args.seed_mode)
+        return b, own[b]
+    return of
+
+
+def negative_of(args, plan: RunPlan, b: int) -> str:
+    line = plan.line(b)
+    return args.negative_prompt if line.negative_prompt is None else line.negative_prompt
+
+
 def _run_txt2img(model, args, plan: RunPlan, writer: SampleWriter, generators) -> None:
     h, w = plan.height, plan.width
-    fixed = randn(pipeline.latent_shape(model, args.n_samples, h, w), generators) if args.fixed_code else None
+    of, fixed = seeded(args, plan, generators), {}
     for n in range(args.n_iter):
         for b, prompts in enumerate(plan.batches):
-            k, generator = len(prompts), _first(generators, len(prompts))
-            x_T = fixed[:k] if fixed is not None else randn(pipeline.latent_shape(model, k, h, w), generator)
-            steps = pipeline.txt2img_steps(model, prompts, negative_prompt=args.negative_prompt, n_samples=k,
+            key, run_generators = of(b)
+            if args.fixed_code and key not in fixed:  # drawn before the key's first batch, as the original
+                fixed[key] = randn(pipeline.latent_shape(model, args.n_samples, h, w), run_generators)
+            k, generator = len(prompts), _first(run_generators, len(prompts))
+            x_T = fixed[key][:k] if args.fixed_code else randn(pipeline.latent_shape(model, k, h, w), generator)
+            steps = pipeline.txt2img_steps(model, prompts, negative_prompt=negative_of(args, plan, b), n_samples=k,
                                            height=h, width=w, steps=args.ddim_steps, sampler=plan.spec.name,
                                            schedule=plan.spec.schedule, scale=args.scale, eta=args.ddim_eta,
-                                           generator=generator, x_T=x_T)
+                                           generator=generator, x_T=x_T, prompt_syntax=args.prompt_syntax)
             latents = drain(_progress(steps, _label(n, b, args, plan)), x_T)
             writer.add(to_uint8(pipeline.decode(model, latents)), n, b, prompts)
 
 
 def _run_img2img(model, args, plan: RunPlan, writer: SampleWriter, generators) -> None:
     init = plan.init.image.repeat(args.n_samples, 1, 1, 1)
-    init_latent = pipeline.encode_image(model, init, generators)
+    of, init_latents = seeded(args, plan, generators), {}
     print(f"target t_enc is {pipeline.strength_to_steps(args.strength, args.ddim_steps)} steps")
     for n in range(args.n_iter):
         for b, prompts in enumerate(plan.batches):
-            x0, generator = init_latent[:len(prompts)], _first(generators, len(prompts))
+            key, run_generators = of(b)
+            if key not in init_latents:  # the posterior sample, drawn first from its generators
+                init_latents[key] = pipeline.encode_image(model, init, run_generators)
+            x0, generator = init_latents[key][:len(prompts)], _first(run_generators, len(prompts))
             steps = pipeline.img2img_steps(model, x0, prompts, strength=args.strength,
-                                           negative_prompt=args.negative_prompt, steps=args.ddim_steps,
+                                           negative_prompt=negative_of(args, plan, b), steps=args.ddim_steps,
                                            sampler=plan.spec.name, schedule=plan.spec.schedule,
-                                           scale=args.scale, eta=args.ddim_eta, generator=generator)
+                                           scale=args.scale, eta=args.ddim_eta, generator=generator,
+                                           prompt_syntax=args.prompt_syntax)
             latents = drain(_progress(steps, _label(n, b, args, plan)), x0)
             writer.add(to_uint8(pipeline.decode(model, latents)), n, b, prompts)
 

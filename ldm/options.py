@@ -24,6 +24,7 @@ from .device import Placement, resolve
 from .errors import UsageError
 from .images import load_image
 from .loading import LatentDiffusion
+from .prompts import SYNTAXES, check_prompts
 
 COMMANDS = ("txt2img", "img2img")
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
@@ -58,6 +59,13 @@ class InitImage:
 
 
 @dataclass(frozen=True)
+class PromptLine:
+    """What an A1111 "prompts from file" line of --from-file sets for its batch (None: the flag's value)."""
+    negative_prompt: Optional[str] = None
+    seed: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """What `validate` found: all a run needs besides the model, with no weights read yet."""
     spec: SamplerSpec
@@ -67,6 +75,10 @@ class RunPlan:
     width: int
     placement: Placement
     ckpt: Path
+    lines: tuple = ()          # per batch, a PromptLine or None (empty: no A1111 lines)
+
+    def line(self, batch: int) -> PromptLine:
+        return (self.lines[batch] if batch < len(self.lines) else None) or PromptLine()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,7 +133,9 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     a("--scale", type=float, default=5.0 if img else 7.5,
       help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
     a("--from-file", "--from_file", dest="from_file",
-      help="read prompts from this file, one per line, batched by n_samples")
+      help="read prompts from this file, one per line, batched by n_samples; a line in A1111's \"prompts from "
+           "file\" form (--prompt \"...\" --negative_prompt \"...\" --seed N) is a batch of its own")
+    add_prompt_flags(p)
     a("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
     a("--config", default=None,
       help="the original YAML config (default: one beside the checkpoint, else detected from its keys)")
@@ -155,22 +169,81 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     return p
 
 
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    """--prompt-syntax and --watermark, which every command that makes images takes."""
+    p.add_argument("--prompt-syntax", "--prompt_syntax", dest="prompt_syntax", choices=SYNTAXES, default="original",
+                   help="original: as the original scripts (77 tokens, brackets are text); a1111: as AUTOMATIC1111 "
+                        "((word), [word], (word:1.3), BREAK, longer prompts, [from:to:when], [a|b])")
+    p.add_argument("--watermark", action="store_true",
+                   help="write the original scripts' invisible watermark (StableDiffusionV1 / SDV2) into every "
+                        "image; needs pip install -e '.[watermark]' and images of at least 256x256")
+
+
 # ---------------------------------------------------------------- checks before any weights are read
+
+def check_prompt_syntax(args, batches: list[list[str]], lines: tuple) -> None:
+    """With --prompt-syntax a1111, every prompt and negative prompt must parse (a weight such as (a:1.2.3)
+    is refused here, not after the weights are read)."""
+    if args.prompt_syntax != "a1111":
+        return
+    texts = {p for batch in batches for p in batch} | {args.negative_prompt or ""}
+    texts |= {line.negative_prompt for line in lines if line is not None and line.negative_prompt is not None}
+    try:
+        check_prompts(sorted(texts), args.ddim_steps)
+    except ValueError as e:
+        raise UsageError(f"--prompt-syntax a1111: {e}") from None
+
 
 def _nearest_multiples(value: int, m: int) -> str:
     low = value - value % m
     return f"use {low} or {low + m}" if low > 0 else f"use {m}"
 
 
-def _read_prompts(args) -> list[list[str]]:
-    """Batches of prompts, as the original: one batch of n_samples copies, or the file's lines in chunks."""
+def _a1111_line(line: str, where: str) -> tuple[str, PromptLine]:
+    """A line of A1111's "prompts from file" script: --prompt and --negative_prompt take the words up to the
+    next --flag (joined by spaces, as the script joins them), --seed a number."""
+    import shlex
+
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}; quote the line's texts as a shell would") from None
+    found: dict = {}
+    i = 0
+    while i < len(words):
+        flag = words[i]
+        if flag not in ("--prompt", "--negative_prompt", "--seed"):
+            raise UsageError(f"{where}: {flag} is not taken here; a line takes --prompt, --negative_prompt and "
+                             "--seed (give the other settings as the command's flags)")
+        j = i + 1
+        while j < len(words) and not words[j].startswith("--"):
+            j += 1
+        if j == i + 1:
+            raise UsageError(f"{where}: {flag} needs a value")
+        value = " ".join(words[i + 1:j])
+        if flag == "--seed":
+            try:
+                found["seed"] = int(value)
+            except ValueError:
+                raise UsageError(f"{where}: --seed {value}: must be a whole number") from None
+        else:
+            found[flag[2:]] = value
+        i = j
+    if "prompt" not in found:
+        raise UsageError(f"{where}: has no --prompt")
+    return found.pop("prompt"), PromptLine(**found)
+
+
+def _read_prompts(args) -> tuple[list[list[str]], tuple]:
+    """(batches of prompts, their PromptLines), as the original: one batch of n_samples copies, or the file's
+    lines in chunks of n_samples; an A1111 line (one that starts with --) is a batch of n_samples copies."""
     if not args.from_file:
         for text, flag in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
             try:
                 text.encode("utf-8")  # bytes that are not UTF-8 reach argv as lone surrogates
             except UnicodeEncodeError:
                 raise UsageError(f"{flag}: is not valid UTF-8 text; pass it in UTF-8 (or use --from-file)") from None
-        return [args.n_samples * [args.prompt]]
+        return [args.n_samples * [args.prompt]], ()
     path = Path(args.from_file)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -181,10 +254,26 @@ def _read_prompts(args) -> list[list[str]]:
                          "text file with one prompt per line") from None
     if not lines:
         raise UsageError(f"{path}: has no prompts; write one prompt per line")
-    lines = [line for line in lines for _ in range(args.repeat)]
-    it = iter(lines)
-    # the last batch may be short; the original crashes there, we run it at its own size
-    return [list(batch) for batch in iter(lambda: tuple(islice(it, args.n_samples)), ())]
+    batches, settings, plain = [], [], []
+
+    def flush() -> None:  # the last batch may be short; the original crashes there, we run it at its own size
+        it = iter(plain)
+        for batch in iter(lambda: tuple(islice(it, args.n_samples)), ()):
+            batches.append(list(batch))
+            settings.append(None)
+        plain.clear()
+
+    for number, line in enumerate(lines, 1):
+        if not line.strip().startswith("--"):
+            plain.extend(args.repeat * [line])
+            continue
+        flush()
+        prompt, setting = _a1111_line(line, f"{path} line {number}")
+        for _ in range(args.repeat):
+            batches.append(args.n_samples * [prompt])
+            settings.append(setting)
+    flush()
+    return batches, tuple(settings) if any(settings) else ()
 
 
 def _check_size(args, multiple: int, why: str) -> None:
@@ -237,7 +326,11 @@ def validate(command: str, args) -> RunPlan:
         raise UsageError(f"--seed {args.seed}: must be in 0..{2 ** 64 - 1}")
     if img and not 0.0 <= args.strength <= 1.0:
         raise UsageError(f"--strength {args.strength}: must be in [0.0, 1.0] (1.0 destroys the init image)")
-    data = _read_prompts(args)
+    data, lines = _read_prompts(args)
+    check_prompt_syntax(args, data, lines)
+    for line in lines:
+        if line is not None and line.seed is not None and not 0 <= line.seed < 2 ** 64:
+            raise UsageError(f"--from-file: --seed {line.seed}: must be in 0..{2 ** 64 - 1}")
     init = None
     if img:
         if not args.init_img:
@@ -246,7 +339,11 @@ def validate(command: str, args) -> RunPlan:
         init = InitImage(image, note, hashlib.sha256(Path(args.init_img).read_bytes()).hexdigest())
     placement, ckpt = check_files(args)
     height, width = (args.H, args.W) if init is None else init.image.shape[2:]
-    return RunPlan(spec, data, init, height, width, placement, ckpt)
+    if args.watermark:
+        from .watermark import check
+
+        check(width, height)
+    return RunPlan(spec, data, init, height, width, placement, ckpt, lines)
 
 
 def default_size(args) -> None:

@@ -42,7 +42,8 @@ def run_settings(command: str, args, plan: RunPlan, model: LatentDiffusion) -> d
         "dtype": str(model.placement.dtype).replace("torch.", ""), "precision": args.precision,
         "prediction": model.parameterization, "ema": args.ema, "vae": args.vae,
         "lowvram": args.lowvram, "attention_slicing": args.attention_slicing, "vae_tiling": args.vae_tiling,
-        "compile": args.compile,
+        "compile": args.compile, "prompt_syntax": getattr(args, "prompt_syntax", "original"),
+        "watermark": watermark_text(args, model),
         "ldm_version": _version("ldm"), "torch_version": torch.__version__,
     }
     if command == "txt2img":
@@ -54,14 +55,30 @@ def run_settings(command: str, args, plan: RunPlan, model: LatentDiffusion) -> d
     return settings
 
 
+def watermark_text(args, model: LatentDiffusion) -> Optional[str]:
+    """The text --watermark writes for this model (None: no watermark)."""
+    if not getattr(args, "watermark", False):
+        return None
+    from .watermark import text_for
+
+    return text_for(model.family)
+
+
 class SampleWriter:
     """Saves samples as they come and the grid at the end, each with its settings. `settings` and `infotext`:
-    what a command adds to the `ldm` JSON and to the A1111 `parameters` line (the special commands)."""
+    what a command adds to the `ldm` JSON and to the A1111 `parameters` line (the special commands).
+    With --watermark each sample and the grid are marked as the original scripts mark them (the grid is
+    made of the unmarked samples, then marked as a whole)."""
 
     def __init__(self, command: str, args, plan: RunPlan, model: LatentDiffusion, settings: Optional[dict] = None,
                  infotext: Optional[dict] = None):
-        self.args, self.outdir = args, Path(args.outdir)
+        self.args, self.outdir, self.plan = args, Path(args.outdir), plan
         self.base = {**run_settings(command, args, plan, model), **(settings or {})}
+        self.mark = lambda image: image
+        if self.base["watermark"]:
+            from .watermark import Watermarker
+
+            self.mark = Watermarker(self.base["watermark"]).mark
         self.sampler_label = plan.spec.a1111_name  # as A1111's infotext writes it
         self.extra = {"Denoising strength": args.strength} if command == "img2img" else {}
         self.extra.update(infotext or {})
@@ -72,8 +89,8 @@ class SampleWriter:
         self.grid: Optional[Path] = None
         self.first_prompt: Optional[str] = None
 
-    def _parameters(self, prompt: str) -> str:
-        b = self.base
+    def _parameters(self, prompt: str, b: Optional[dict] = None) -> str:
+        b = b or self.base
         return a1111_parameters(prompt, b["negative_prompt"], b["steps"], self.sampler_label, b["scale"], b["seed"],
                                 b["W"], b["H"], b["model_hash"], Path(b["ckpt"]).stem, self.extra)
 
@@ -84,17 +101,20 @@ class SampleWriter:
             self.images.extend(images)
         if self.args.skip_save:
             return
+        line = self.plan.line(batch)  # an A1111 --from-file line's own negative prompt and seed
+        base = {**self.base, **{k: v for k, v in (("negative_prompt", line.negative_prompt), ("seed", line.seed))
+                                if v is not None}}
         for i, (image, prompt) in enumerate(zip(images, prompts)):
-            settings = {**self.base, "prompt": prompt, "iteration": iteration, "batch": batch,
+            settings = {**base, "prompt": prompt, "iteration": iteration, "batch": batch,
                         "index_in_batch": i, "batch_size": len(prompts)}
-            self.samples.append(save_png(image, self.outdir / "samples", parameters=self._parameters(prompt),
-                                         settings=settings))
+            self.samples.append(save_png(self.mark(image), self.outdir / "samples",
+                                         parameters=self._parameters(prompt, base), settings=settings))
 
     def finish(self, n_rows: int) -> None:
         if self.args.skip_grid or not self.images:
             return
         settings = {**self.base, "prompt": self.first_prompt, "grid": {"images": len(self.images), "n_rows": n_rows}}
-        self.grid = save_png(make_grid(np.stack(self.images), n_rows), self.outdir,
+        self.grid = save_png(self.mark(make_grid(np.stack(self.images), n_rows)), self.outdir,
                              parameters=self._parameters(self.first_prompt), settings=settings,
                              prefix="grid-", digits=4)
 

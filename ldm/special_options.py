@@ -20,8 +20,8 @@ from weights import CheckpointError, detect_family, read_header
 
 from .errors import UsageError
 from .loading import LatentDiffusion
-from .options import (SEED_MODES, InitImage, RunPlan, _Parser, _read_prompts, check_files, check_run_flags,
-                      check_sampler, check_steps)
+from .options import (SEED_MODES, InitImage, RunPlan, _Parser, _read_prompts, add_prompt_flags, check_files,
+                      check_prompt_syntax, check_run_flags, check_sampler, check_steps)
 from .pipeline import PIPELINE_OF
 from .special_inputs import InputFile, load_depth_map, load_mask, mask_from_alpha, sha256
 
@@ -94,7 +94,9 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
     a("--scale", type=float, default=d.get("scale"),
       help="unconditional guidance scale (default: the script's" + (", 7.5 for SD 1.5 and 10.0 for SD 2)"
                                                                    if command == "inpaint" else f", {d['scale']})"))
-    a("--from-file", "--from_file", dest="from_file", help="read prompts from this file, one per line")
+    a("--from-file", "--from_file", dest="from_file", help="read prompts from this file, one per line (or A1111's "
+      "\"prompts from file\" lines: --prompt \"...\" --negative_prompt \"...\" --seed N)")
+    add_prompt_flags(p)
     a("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
     a("--config", default=None, help="the original YAML config (default: one beside the checkpoint, or detected)")
     a("--ckpt", default=None, help=f"{KIND[command]} (.ckpt or .safetensors)")
@@ -168,7 +170,10 @@ def validate(command: str, args) -> SpecialPlan:
     if command == "inpaint" and bool(args.mask) == bool(args.mask_from_alpha):
         raise UsageError("inpaint needs a mask: pass --mask FILE (white = repaint) or --mask-from-alpha"
                          if not args.mask else "--mask and --mask-from-alpha: pass one of them")
-    data = _read_prompts(args)
+    data, lines = _read_prompts(args)
+    check_prompt_syntax(args, data, lines)
+    if any(line is not None and line.seed is not None and not 0 <= line.seed < 2 ** 32 for line in lines):
+        raise UsageError("--from-file: a line's --seed must be in 0..4294967295 (numpy's seeds, as the scripts')")
     if not args.init_img:
         raise UsageError("--init-img is required: the " + ("image to upscale" if command == "upscale" else
                                                             "image to start from"))
@@ -190,7 +195,11 @@ def validate(command: str, args) -> SpecialPlan:
     if line:
         raise UsageError(line)
     scale = UPSCALE if command == "upscale" else 1
-    return SpecialPlan(spec, data, init, h * scale, w * scale, placement, ckpt, command=command, mask=mask,
+    if args.watermark:
+        from .watermark import check
+
+        check(w * scale, h * scale)
+    return SpecialPlan(spec, data, init, h * scale, w * scale, placement, ckpt, lines, command=command, mask=mask,
                        depth=depth, family=family)
 
 

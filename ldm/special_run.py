@@ -24,6 +24,7 @@ from .generate import _first, _label, _progress
 from .images import save_png, to_uint8
 from .inpainting import inpaint_steps
 from .loading import LatentDiffusion
+from .options import PromptLine
 from .outputs import SampleWriter
 from .runtime import load_for_run
 from .special_options import SpecialPlan, build_parser, checker, validate
@@ -54,24 +55,35 @@ class Sampling:
         self.generators = pipeline.make_generators(args.seed, args.n_samples, args.seed_mode)
         self.codes = pipeline.NumpyStartCodes(args.seed, args.n_samples, args.seed_mode)
         self.image = plan.init.image
+        self.own = {}
         self.depth = None
         if plan.command == "depth2img":
             self.depth = plan.depth.tensor if plan.depth is not None else estimate_depth(model, self.image)
 
-    def steps(self, prompts: list[str]):
+    def steps(self, prompts: list[str], batch: Optional[int] = None):
+        """The step generator of the next batch; `batch`: its index in the plan, for an A1111 --from-file
+        line's own negative prompt and seed (a seed gets its own torch and numpy generators, made once)."""
         args, model, k = self.args, self.model, len(prompts)
-        common = dict(negative_prompt=args.negative_prompt, n_samples=k, steps=args.ddim_steps,
+        line = self.plan.line(batch) if batch is not None else PromptLine()
+        generators, codes = self.generators, self.codes
+        if line.seed is not None:
+            if batch not in self.own:
+                self.own[batch] = (pipeline.make_generators(line.seed, args.n_samples, args.seed_mode),
+                                   pipeline.NumpyStartCodes(line.seed, args.n_samples, args.seed_mode))
+            generators, codes = self.own[batch]
+        negative = args.negative_prompt if line.negative_prompt is None else line.negative_prompt
+        common = dict(negative_prompt=negative, n_samples=k, steps=args.ddim_steps,
                       sampler=self.plan.spec.name, schedule=self.plan.spec.schedule, scale=args.scale,
-                      eta=args.ddim_eta, generator=_first(self.generators, k))
+                      eta=args.ddim_eta, generator=_first(generators, k), prompt_syntax=args.prompt_syntax)
         h, w = self.image.shape[-2:]
         if self.plan.command == "inpaint":
             f = model.config.vae.downsampling_factor
-            x_T = self.codes.draw((k, model.config.vae.embed_dim, h // f, w // f))
+            x_T = codes.draw((k, model.config.vae.embed_dim, h // f, w // f))
             return inpaint_steps(model, self.image, self.plan.mask.tensor, prompts, x_T=x_T, **common), x_T
         if self.plan.command == "depth2img":
             return depth2img_steps(model, self.image, prompts, depth=self.depth, strength=args.strength,
                                    **common), None
-        x_T = self.codes.draw((k, model.config.vae.embed_dim, h, w))
+        x_T = codes.draw((k, model.config.vae.embed_dim, h, w))
         return upscale_steps(model, self.image, prompts, noise_level=args.noise_level, x_T=x_T, **common), x_T
 
 
@@ -103,7 +115,7 @@ def run(command: str, args) -> int:
         _save_depth(sampling.depth, args, plan)
     for n in range(args.n_iter):
         for b, prompts in enumerate(plan.batches):
-            steps, x_T = sampling.steps(prompts)
+            steps, x_T = sampling.steps(prompts, b)
             latents = drain(_progress(steps, _label(n, b, args, plan)), x_T)
             writer.add(to_uint8(pipeline.decode(model, latents)), n, b, prompts)
     writer.finish(args.n_rows if args.n_rows > 0 else args.n_samples)
