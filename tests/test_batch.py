@@ -331,3 +331,19 @@ def test_actors_leave_a_cpu_to_ray_data():
     assert resources(8, 2, 3, None) == (3, 1)
     with pytest.raises(UsageError, match="--workers 0"):
         resources(2, 0, None, None)
+
+
+def test_a_worker_running_other_code_than_the_driver_fails_its_jobs():
+    """A Ray actor (here its class, called directly) whose ldm code is not the driver's makes no images:
+    they would differ without an error (another version on a node, a file edited mid-run)."""
+    import pickle
+
+    from ldm.batch.ray_run import Worker
+    from ldm.batch.version import code_digest
+
+    batch_of = {"job": np.array([json.dumps(job) for job in twelve_jobs()[:2]], dtype=object)}
+    results = [pickle.loads(r) for r in Worker(4, 1, "0" * 16)(batch_of)["result"]]
+    assert [r["id"] for r in results] == ["t0", "t1"]
+    assert all("runs other ldm code than the driver" in r["error"] and "files" not in r for r in results)
+    results = [pickle.loads(r) for r in Worker(4, 1, code_digest())(batch_of)["result"]]
+    assert [(r["id"], len(r["files"])) for r in results] == [("t0", 1), ("t1", 1)]

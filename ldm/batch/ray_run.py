@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Optional
 
 from ..errors import UsageError
+from .version import code_digest
 
 MISSING = "--ray needs Ray Data: pip install -e '.[ray]' (or run without --ray: one process, no Ray)"
 
@@ -33,16 +34,25 @@ def _import_ray():
 class Worker:
     """One actor of the pool: a Renderer that keeps its models between batches."""
 
-    def __init__(self, batch_size: int, threads: int):
+    def __init__(self, batch_size: int, threads: int, driver_code: str):
         import torch
 
-        from .render import Renderer
+        from .render import Renderer, worker_name
+        from .version import code_digest
 
         torch.set_num_threads(threads)
         self.renderer = Renderer(batch_size)
+        self.skew = None if code_digest() == driver_code else (
+            f"worker {worker_name()} runs other ldm code than the driver ({code_digest()}, the driver's "
+            f"{driver_code}): install the same version on every node, then rerun with --retry-failed")
 
     def __call__(self, batch: dict) -> dict:
-        results = list(self.renderer.render([json.loads(text) for text in batch["job"]]))
+        jobs = [json.loads(text) for text in batch["job"]]
+        if self.skew:
+            results = [{"id": job["id"], "error": self.skew, "worker": self.renderer.worker, "seconds": 0.0}
+                       for job in jobs]
+        else:
+            results = list(self.renderer.render(jobs))
         return {"id": [r["id"] for r in results], "result": [pickle.dumps(r) for r in results]}
 
 
@@ -81,7 +91,8 @@ def run_ray(jobs: list[dict], *, address: Optional[str], workers: int, gpus_per_
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         cpus, threads = resources(ray.cluster_resources().get("CPU", 1.0), workers, cpus_per_worker, threads)
         rows = ray.data.from_items([{"id": job["id"], "job": json.dumps(job)} for job in jobs])
-        results = rows.map_batches(Worker, fn_constructor_args=(batch_size, threads), batch_size=batch_size,
+        results = rows.map_batches(Worker, fn_constructor_args=(batch_size, threads, code_digest()),
+                                   batch_size=batch_size,
                                    compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
                                    num_gpus=gpus_per_worker or None, batch_format="numpy")
         for row in results.iter_rows():
