@@ -7,6 +7,7 @@ optional extra, imported only here and only when a watermark is written or read.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,6 @@ from typing import Optional
 import numpy as np
 
 from .errors import UsageError, run_command
-from .options import _Parser
 
 TEXTS = ("StableDiffusionV1", "SDV2")
 MIN_PIXELS = 256 * 256  # invisible-watermark refuses smaller images
@@ -81,6 +81,11 @@ def _read_file(path: Path) -> np.ndarray:
     if rgb.shape[0] * rgb.shape[1] < MIN_PIXELS:
         raise UsageError(f"{path}: is {rgb.shape[1]}x{rgb.shape[0]}; a watermark needs at least 256x256 pixels")
     return rgb
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, as every command's
+        raise UsageError(f"{message} (see --help)")
 
 
 def main(argv=None) -> int:
