@@ -142,15 +142,18 @@ def test_the_jobs_file_must_identify_every_job(tmp_path):
 
 # ---- the images --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["txt2img", "img2img"])
+@pytest.mark.parametrize("command", ["txt2img", "img2img", "a1111"])
 def test_a_job_makes_the_commands_images(tmp_path, capsys, command):
     """With batches of the job's own size, a job's PNGs hold the pixels and the `parameters` text that the
-    command itself writes with --seed-mode per-sample (image i seeded seed + i)."""
-    if command == "txt2img":
-        job, flags = {"prompt": "a red circle", "seed": 9, "scale": 5.0, "H": 32, "W": 32}, ["--H", "32", "--W", "32"]
-    else:
+    command itself writes with --seed-mode per-sample (image i seeded seed + i); a1111: weighted prompts."""
+    if command == "img2img":
         job, flags = {"prompt": "a painting", "init_img": INIT, "strength": 0.5, "seed": 9, "scale": 5.0}, \
             ["--init-img", INIT, "--strength", "0.5"]
+    else:
+        job, flags = {"prompt": "a red circle", "seed": 9, "scale": 5.0, "H": 32, "W": 32}, ["--H", "32", "--W", "32"]
+    if command == "a1111":
+        command, job["prompt"], job["prompt_syntax"] = "txt2img", "a (red:1.4) circle, [blue]", "a1111"
+        flags += ["--prompt-syntax", "a1111"]
     job.update(id="j", n_samples=2, **{k: v for k, v in TINY.items() if k not in ("H", "W")})
     code, _, err = run_batch(capsys, write(tmp_path / "jobs.jsonl", [job]), "--outdir", tmp_path / "out",
                              "--batch-size", 2)

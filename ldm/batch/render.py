@@ -166,10 +166,8 @@ class Renderer:
         negatives = [m.args.negative_prompt for m, _ in rows]
         generators = [torch.Generator().manual_seed(m.args.seed + i) for m, i in rows]
         common = dict(negative_prompt=negatives, steps=first.ddim_steps, sampler=plan.spec.name,
-                      schedule=plan.spec.schedule, scale=first.scale, eta=first.ddim_eta, generator=generators)
-        syntax = getattr(first, "prompt_syntax", "original")  # (the flag arrives with issue 15's prompt syntax)
-        if syntax != "original":
-            common["prompt_syntax"] = syntax
+                      schedule=plan.spec.schedule, scale=first.scale, eta=first.ddim_eta, generator=generators,
+                      prompt_syntax=first.prompt_syntax)
         if rows[0][0].command == "txt2img":  # the draws of ldm/generate.py: x_T, then the sampler's noise
             start = randn(pipeline.latent_shape(model, len(rows), plan.height, plan.width), generators)
             steps = pipeline.txt2img_steps(model, prompts, n_samples=len(rows), height=plan.height,
