@@ -10,8 +10,10 @@ import shlex
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import FIXTURES, REFERENCE
 
@@ -84,6 +86,23 @@ def test_txt2img_endpoint_saves_the_commands_bytes(server, tmp_path):
                             sampler="Euler a", ckpt=ckpts["sd1"], api_name="/txt2img")
     assert "Steps: 4, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 64x64" in result[2]
     _same_as_the_command(result, outdir, tmp_path)
+
+
+def test_the_page_reads_prompts_as_automatic1111_does(server):
+    """The page takes prompts written for AUTOMATIC1111: "(red:1.0)" is "red" at weight 1, so the picture is
+    that of "a red circle" (the original syntax would read the brackets as text and draw another)."""
+    from ldm.images import read_settings
+
+    client, ckpts, _ = server
+    files = []
+    for prompt in ("a (red:1.0) circle", "a red circle"):
+        result = client.predict(prompt=prompt, seed=1, steps=2, width=64, height=64, ckpt=ckpts["sd1"],
+                                api_name="/txt2img")
+        assert "--prompt-syntax a1111" in result[2]
+        files.append(Path(result[1][0]["image"]))
+    assert all(read_settings(f)["prompt_syntax"] == "a1111" for f in files)
+    same = [np.asarray(Image.open(f)) for f in files]
+    assert np.array_equal(*same)
 
 
 def test_img2img_endpoint(server, tmp_path):

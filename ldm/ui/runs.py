@@ -32,7 +32,9 @@ SPECIAL = ("inpaint", "depth2img", "upscale")
 FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "steps": "--ddim_steps",
          "sampler": "--sampler", "scale": "--scale", "seed": "--seed", "width": "--W", "height": "--H",
          "n_samples": "--n_samples", "n_iter": "--n_iter", "strength": "--strength", "noise_level": "--noise_level",
-         "init_image": "--init-img", "mask": "--mask", "depth_map": "--depth-map"}
+         "init_image": "--init-img", "mask": "--mask", "depth_map": "--depth-map", "prompt_syntax": "--prompt-syntax"}
+# The page reads prompts as AUTOMATIC1111 does ((word:1.2), [from:to:when], BREAK): what its users paste.
+PROMPT_SYNTAX = "a1111"
 SAMPLERS = [resolve_sampler(n).a1111_name for n in available()]  # the page's choices, by A1111 name
 SAMPLERS += [f"{s} Karras" for s in SAMPLERS if resolve_sampler(s).space == "sigma"]
 MAX_IMAGES = 16  # per run (n_samples * n_iter): the page's bound on a batch
@@ -74,6 +76,8 @@ def argv_for(command: str, ckpt: str, outdir: Path, device: str = "auto", **form
     """The command's argv for the form's values (None: the command's default). seed -1: a random one."""
     if form.get("seed") is not None and int(form["seed"]) < 0:
         form["seed"] = random.randrange(2 ** 32)
+    if form.get("prompt_syntax") is None:
+        form["prompt_syntax"] = PROMPT_SYNTAX
     argv = ["--ckpt", str(ckpt), "--outdir", str(Path(outdir) / f"{command}-samples"), "--device", device]
     for name, value in form.items():
         if value is None:
@@ -213,7 +217,7 @@ def _set_up(command: str, args, plan, model, result: Result):
     writer = SampleWriter(command, args, plan, model)
     generators = pipeline.make_generators(args.seed, args.n_samples, args.seed_mode)
     common = dict(negative_prompt=args.negative_prompt, steps=args.ddim_steps, sampler=plan.spec.name,
-                  schedule=plan.spec.schedule, scale=args.scale, eta=args.ddim_eta)
+                  schedule=plan.spec.schedule, scale=args.scale, eta=args.ddim_eta, prompt_syntax=args.prompt_syntax)
     if command == "txt2img":
         h, w = plan.height, plan.width
         shape = lambda k: pipeline.latent_shape(model, k, h, w)  # noqa: E731

@@ -33,7 +33,8 @@ def record(page, ckpt, prompt, negative_prompt, sampler, steps, scale, seed, wid
     generator = pipeline.make_generators(args.seed, 1, args.seed_mode)
     run = pipeline.txt2img_steps(model, plan.batches[0], negative_prompt=args.negative_prompt, n_samples=1,
                                  height=plan.height, width=plan.width, steps=args.ddim_steps, sampler=plan.spec.name,
-                                 schedule=plan.spec.schedule, scale=args.scale, eta=args.ddim_eta, generator=generator)
+                                 schedule=plan.spec.schedule, scale=args.scale, eta=args.ddim_eta, generator=generator,
+                                 prompt_syntax=args.prompt_syntax)
     kept = []
     for s in run:
         page.runner.check_cancel(s.index, s.total)  # Cancel stops this run too, at the next step
