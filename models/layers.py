@@ -1,13 +1,18 @@
 """The pieces the UNet and the VAE share: group norm with float32 statistics and scaled dot-product
-attention with float32 logits (optionally sliced along the queries to bound its peak memory)."""
+attention with float32 logits in float16 (optionally sliced along the queries to bound its peak memory), on
+the faster of two CPU kernels per shape."""
 from __future__ import annotations
 
+import os
+import time
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # PyTorch >= 2.3
 
 
 # The CPU and CUDA kernels accumulate half-precision group norm and attention in float32 (CUDA's flash
@@ -34,7 +39,7 @@ class GroupNorm32(nn.GroupNorm):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, slices: int = 1) -> torch.Tensor:
-    """Multi-head attention over (B, T, heads * d) tensors, via F.scaled_dot_product_attention.
+    """Multi-head attention over (B, T, heads * d) tensors.
 
     In float16 the logits and softmax are float32 (SD 2.x's 768-v model overflows fp16 logits and
     produces black images otherwise; the original's `ATTN_PRECISION = "fp32"`): by the kernel on CPU and
@@ -43,6 +48,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sli
     `slices` > 1 computes the queries in that many chunks, one after the other, so a backend that
     materialises the (heads, Tq, Tk) logits (MPS, the math kernel) holds about 1/slices of them at once.
     Each query row's softmax only sees its own logits, so slicing changes nothing but the peak memory.
+
+    On the CPU, in float32 and bfloat16, each shape large enough to matter runs on the faster of
+    F.scaled_dot_product_attention and batched matmuls in cache-sized query slices, timed once per shape
+    (`attention_choice`); everywhere else on F.scaled_dot_product_attention.
     """
     tq = q.shape[1]
     # Each head's features must be contiguous: given strided ones (the VAE's channel-major pixels), the CPU
@@ -52,17 +61,95 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sli
     if needs_upcast(q):
         k, v = k.float(), v.float()
 
-    def sdpa(qs: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(qs.to(k.dtype), k, v).to(qs.dtype)
+    def run(qs: torch.Tensor) -> torch.Tensor:
+        return KERNELS[attention_choice(qs, k, v)](qs.to(k.dtype), k, v).to(qs.dtype)
 
     chunk = -(-tq // max(int(slices), 1))
     if chunk >= tq:
-        out = sdpa(q)
+        out = run(q)
     else:
         out = torch.empty_like(q)
         for s in range(0, tq, chunk):
-            out[:, :, s:s + chunk] = sdpa(q[:, :, s:s + chunk])
+            out[:, :, s:s + chunk] = run(q[:, :, s:s + chunk])
     return rearrange(out, "b h t d -> b t (h d)")
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused kernel on (B, H, T, d): on the CPU the flash kernel, float32 logits in any dtype."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# Bytes of logits one query slice of `matmul_attention` may hold: the core's L2, where the softmax reads
+# what the first matmul wrote. 1 MiB where the OS does not say.
+CACHE_BYTES = (os.sysconf("SC_LEVEL2_CACHE_SIZE") if hasattr(os, "sysconf") and "SC_LEVEL2_CACHE_SIZE"
+               in os.sysconf_names else 0) or 2 ** 20
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on (B, H, T, d) as two batched matmuls with the heads merged into the
+    batch, in query slices whose logits fit in CACHE_BYTES (never fewer than 64 rows: below that the
+    calls cost more than the cache saves). The logits are in the inputs' dtype (bfloat16 keeps float32's
+    range; float16 never comes here) and the softmax is float32. Slicing changes no number."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    q, kt, v = q.reshape(b * h, tq, d), k.reshape(b * h, tk, d).transpose(1, 2), v.reshape(b * h, tk, d)
+    rows = min(tq, max(64, CACHE_BYTES // (b * h * tk * 4)))
+    out = torch.empty(b * h, tq, d, dtype=q.dtype, device=q.device)
+    scale = d ** -0.5
+    for s in range(0, tq, rows):
+        logits = torch.baddbmm(out.new_empty(1, 1, 1), q[:, s:s + rows], kt, beta=0, alpha=scale)
+        torch.bmm(torch.softmax(logits, -1, dtype=torch.float32).to(q.dtype), v, out=out[:, s:s + rows])
+    return out.view(b, h, tq, d)
+
+
+KERNELS = {"flash": flash_attention, "matmul": matmul_attention}
+DEFAULT = "flash"
+# Shapes below this much work (B*H*Tq*Tk*d) take the default without timing: the timing would cost more
+# than any choice could save (the text towers, tiny test models).
+TUNE_MIN_WORK = 2 ** 24
+# Rows of the queries each option is timed on: both costs grow linearly with Tq.
+TUNE_ROWS = 256
+# The other option must beat the default by this factor to be chosen, so timing noise keeps the default.
+TUNE_MARGIN = 0.9
+_choices: dict = {}
+
+
+def attention_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The name in KERNELS that computes attention on these (B, H, T, d) tensors: decided once per
+    shape and dtype on the CPU in float32 and bfloat16 by timing each option on TUNE_ROWS queries,
+    and remembered (`_choices`); the default elsewhere, under the compiler and where gradients flow."""
+    b, h, tq, d = q.shape
+    if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype
+            or b * h * tq * k.shape[2] * d < TUNE_MIN_WORK or _compiling()
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return DEFAULT
+    key = (q.dtype, b, h, tq, k.shape[2], d, torch.get_num_threads())
+    name = _choices.get(key)
+    if name is None:
+        if len(_choices) > 256:  # shapes of many image sizes: a bounded cache, remade as needed
+            _choices.clear()
+        name = _choices[key] = _fastest(q[:, :, :TUNE_ROWS], k, v)
+    return name
+
+
+def _fastest(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    with torch.no_grad():
+        best = {}
+        for name, kernel in KERNELS.items():
+            kernel(q, k, v)  # the first call sets up oneDNN's primitives
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                kernel(q, k, v)
+                times.append(time.perf_counter() - start)
+            best[name] = min(times)
+    fastest = min(best, key=best.get)
+    return fastest if best[fastest] < TUNE_MARGIN * best[DEFAULT] else DEFAULT
+
+
+def attention_choices() -> dict:
+    """What `attention_choice` decided so far: {(dtype, B, H, Tq, Tk, d, threads): kernel name}."""
+    return dict(_choices)
 
 
 def set_attention_slicing(module: nn.Module, slices: Optional[int]) -> int:
