@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .layers import GroupNorm32, attention, embedding
+from .prepack import fused_geglu
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -72,6 +73,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
+        fused = fused_geglu(x, self.proj)  # CPU inference: oneDNN, no (tokens, 2 * inner) intermediate
+        if fused is not None:
+            return fused
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
@@ -233,6 +237,11 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y)
         context = context.to(dtype)
         h = x.to(dtype)
+        if h.device.type == "cpu":
+            # Channels-last through the network: oneDNN convolves NHWC as it is, where NCHW is reordered to its
+            # blocked layout and back around every convolution, and the transformers' (b, h*w, c) tokens are
+            # then views, not copies. Group norm, SiLU, cat and nearest upsampling keep the layout. Same math.
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -241,4 +250,4 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype).contiguous()  # the caller's layout, whatever ran inside
