@@ -65,7 +65,10 @@ bfloat16 on a CPU without native support is emulated, and a note says so; `--dty
 
 Output: a table of ldm's and diffusers' medians, ldm/diffusers (below 1: ldm is faster) and the max abs
 difference of the two outputs, which shows both ran the same computation (the parity tests are in tests/;
-with these random weights the UNet's output is small, about 0.05, so it is a sanity check only).
+with these random weights the UNet's output is small, about 0.05, so it is a sanity check only); then each
+side's achieved TFLOP/s (the row's FLOPs, counted once by torch's FlopCounterMode on diffusers' call, over
+the median time) and ldm's as a fraction of this machine's plain matmul rate in the row's dtype, measured at
+startup (2048x2048 matmuls, best of three; printed first), so progress reads the same on any CPU or GPU.
 `--json out.json` adds every run's time, the outputs' scale and the machine: CPU model, cores, torch threads,
 native bf16, memory, the torch/diffusers/transformers versions, the GPU and TF32 flags on CUDA.
 `--tiny` uses the tiny reference configs (`shared/reference/fixtures/sd1_tiny`, `sd2v_tiny`,
@@ -312,21 +315,56 @@ def max_abs_diff(a, b) -> Optional[float]:
     return (a.float() - b.float()).abs().max().item()
 
 
+def count_flops(fn: Callable) -> tuple:
+    """(fn(), the floating-point operations it made), by torch's FlopCounterMode (matmuls, convolutions,
+    attention; elementwise ops count zero, as usual). The CPU's flash-attention op is counted as the
+    other fused attention ops are."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {cpu_flash: lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop(q, k, v)} if cpu_flash else {}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        out = fn()
+    return out, counter.get_total_flops() or None
+
+
+def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int) -> float:
+    """The best of a few n x n @ n x n matmuls in `dtype` on `device`, in TFLOP/s: the machine's matrix rate,
+    which the rows' achieved rates are a fraction of."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    best = float("inf")
+    for i in range(4):  # the first call sets up the kernel
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
+
+
 class Bench:
-    def __init__(self, args, device: torch.device):
+    def __init__(self, args, device: torch.device, matmul_rates: Optional[dict] = None):
         self.args, self.device = args, device
+        self.matmul_tflops: dict = matmul_rates or {}  # dtype name -> TFLOP/s of a plain matmul here
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self._printed_header = False
 
     def compare(self, row: str, label: str, ldm_fn: Callable, diffusers_fn: Callable, **extra) -> dict:
-        """Warm-up runs of each, then `repeats` rounds alternating which goes first; medians in seconds."""
+        """Warm-up runs of each, then `repeats` rounds alternating which goes first; medians in seconds.
+        The row's FLOPs are counted on diffusers' first call (plain PyTorch ops the counter knows; ldm's
+        oneDNN ops it does not), made in the warm-up, or after the timing without one."""
         fns = {"ldm": ldm_fn, "diffusers": diffusers_fn}
-        outputs = {}
+        outputs, flops = {}, None
         with torch.no_grad():
-            for _ in range(self.args.warmup):
+            for i in range(self.args.warmup):
                 for side, fn in fns.items():
-                    outputs[side] = fn()
+                    if i == 0 and side == "diffusers":
+                        outputs[side], flops = count_flops(fn)
+                    else:
+                        outputs[side] = fn()
             times = {"ldm": [], "diffusers": []}
             for i in range(self.args.repeats):
                 for side in (("ldm", "diffusers") if i % 2 == 0 else ("diffusers", "ldm")):
@@ -335,28 +373,40 @@ class Bench:
                     outputs[side] = fns[side]()
                     sync(self.device)
                     times[side].append(time.perf_counter() - start)
+            if flops is None:
+                flops = count_flops(diffusers_fn)[1]
         out = outputs["ldm"]
         scale = out.float().abs().max().item() if isinstance(out, torch.Tensor) else None
-        return self.add(row, label, "s", times, max_abs_diff(out, outputs["diffusers"]), output_max_abs=scale, **extra)
+        return self.add(row, label, "s", times, max_abs_diff(out, outputs["diffusers"]), output_max_abs=scale,
+                        flops=flops, **extra)
 
-    def add(self, row: str, label: str, unit: str, runs: dict, diff: Optional[float] = None, **extra) -> dict:
+    def add(self, row: str, label: str, unit: str, runs: dict, diff: Optional[float] = None,
+            flops: Optional[float] = None, **extra) -> dict:
         medians = {side: statistics.median(v) for side, v in runs.items()}
         result = {"row": row, "label": label, "unit": unit, "ldm": medians["ldm"], "diffusers": medians["diffusers"],
                   "ratio": medians["ldm"] / medians["diffusers"] if medians["diffusers"] else None,
-                  "max_abs_diff": diff, "runs": runs, **extra}
+                  "max_abs_diff": diff, "runs": runs, "flops": flops, **extra}
+        if flops:
+            rate = self.matmul_tflops.get(extra.get("dtype"))
+            result["tflops"] = {side: flops / t / 1e12 for side, t in medians.items() if t}
+            result["fraction_of_matmul"] = result["tflops"]["ldm"] / rate if rate and "ldm" in result["tflops"] else None
         self.rows.append(result)
         self.print_row(result)
         return result
 
     def print_row(self, r: dict) -> None:
         if not self._printed_header:
-            print(f"{'row':<44} {'ldm':>10} {'diffusers':>10} {'ldm/diff':>9} {'max|diff|':>10}")
-            print("-" * 87)
+            print(f"{'row':<44} {'ldm':>10} {'diffusers':>10} {'ldm/diff':>9} {'max|diff|':>10} "
+                  f"{'TFLOP/s ldm':>11} {'diffusers':>9} {'ldm/mm':>6}")
+            print("-" * 117)
             self._printed_header = True
         diff = "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        tf = r.get("tflops") or {}
+        rates = "".join(f" {tf[side]:>{w}.3f}" if side in tf else " " * (w + 1) for side, w in (("ldm", 11), ("diffusers", 9)))
+        frac = "" if r.get("fraction_of_matmul") is None else f"{r['fraction_of_matmul']:.0%}"
         print(f"{r['label']:<44} {r['ldm']:>9.3f}{r['unit']:<1} {r['diffusers']:>9.3f}{r['unit']:<1} "
-              f"{ratio:>9} {diff:>10}", flush=True)
+              f"{ratio:>9} {diff:>10}{rates} {frac:>6}", flush=True)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -805,11 +855,18 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     dtypes = [DTYPES[d] for d in args.dtypes]
     shared = shared_dir(args.shared)
-    bench = Bench(args, device)
     info = machine(device)
     print(f"{info['cpu']}, {info['cpus_usable']} cpus, torch {info['torch']} ({info['torch_threads']} threads), "
           f"diffusers {info['diffusers']}, transformers {info['transformers']}, device {device}"
           + (f" ({info['gpu']})" if "gpu" in info else ""), flush=True)
+    # The machine's matrix rates, so each row's TFLOP/s reads as a fraction of what this machine can do.
+    n = 256 if args.tiny else 2048
+    info["matmul_tflops"] = {dtype_name(d): matmul_tflops(d, device, n)
+                             for d in dict.fromkeys([torch.float32, torch.bfloat16, *dtypes])}
+    info["matmul_n"] = n
+    print("matmul rate (" + f"{n}x{n}): " + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in info["matmul_tflops"].items()),
+          flush=True)
+    bench = Bench(args, device, info["matmul_tflops"])
     sd1 = bool(set(args.rows) & {"unet256", "unet512", "vae", "text", "txt2img"})
     per_dtype = sd1 or "sd2" in args.rows or "upscale" in args.rows
     if per_dtype and device.type == "cpu" and torch.bfloat16 in dtypes and not cpu_has_bf16():
