@@ -312,6 +312,9 @@ def test_missing_checkpoint_says_where_to_get_one(tmp_path, capsys, monkeypatch)
     assert_one_line_error(code, err, "sd-v1-4.ckpt: no such file; download an official checkpoint",
                           "huggingface.co/", "--ckpt")
     monkeypatch.chdir(tmp_path)  # the original's default path, relative to where it runs
+    from ldm import builtin  # a checkout without the built-in model's files: the original default, missing
+
+    monkeypatch.setattr(builtin, "CHECKPOINT", tmp_path / "no-builtin" / "tiny.safetensors")
     code, _, err = run(capsys, "img2img", ["--init-img", FIXTURES["sd1_tiny"] / "txt2img.png"])
     assert_one_line_error(code, err, "models/ldm/stable-diffusion-v1/model.ckpt: no such file")
     assert not (tmp_path / "outputs").exists()
