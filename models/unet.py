@@ -250,4 +250,4 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h).to(x.dtype).contiguous()  # the caller's layout, whatever ran inside
+        return self.out(h).to(x.dtype).contiguous()  # plain NCHW out, as before, whatever ran inside
