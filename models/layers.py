@@ -1,6 +1,6 @@
 """The pieces the UNet and the VAE share: group norm with float32 statistics and scaled dot-product
 attention with float32 logits in float16 (optionally sliced along the queries to bound its peak memory), on
-the faster of two CPU kernels per shape."""
+the faster of two CPU kernels per shape, by a fixed rule."""
 from __future__ import annotations
 
 import os
@@ -49,9 +49,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sli
     materialises the (heads, Tq, Tk) logits (MPS, the math kernel) holds about 1/slices of them at once.
     Each query row's softmax only sees its own logits, so slicing changes nothing but the peak memory.
 
-    On the CPU, in float32 and bfloat16, each shape large enough to matter runs on the faster of
-    F.scaled_dot_product_attention and batched matmuls in cache-sized query slices, timed once per shape
-    (`attention_choice`); everywhere else on F.scaled_dot_product_attention.
+    On the CPU, in float32 and bfloat16, each shape large enough to matter runs on the kernel
+    `attention_choice` picks for it by a fixed rule (F.scaled_dot_product_attention, or batched matmuls in
+    cache-sized query slices); everywhere else on F.scaled_dot_product_attention.
     """
     tq = q.shape[1]
     # Each head's features must be contiguous: given strided ones (the VAE's channel-major pixels), the CPU
@@ -104,20 +104,30 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 KERNELS = {"flash": flash_attention, "matmul": matmul_attention}
 DEFAULT = "flash"
-# Shapes below this much work (B*H*Tq*Tk*d) take the default without timing: the timing would cost more
-# than any choice could save (the text towers, tiny test models).
+# Shapes below this much work (B*H*Tq*Tk*d) take the default: no choice could save anything there (the text
+# towers, tiny test models).
 TUNE_MIN_WORK = 2 ** 24
-# Rows of the queries each option is timed on: both costs grow linearly with Tq.
+# Keys up to this many are a cross-attention over a text context (77 tokens per chunk).
+CROSS_KEYS = 160
+# Rows of the queries tools/bench_attention.py times each option on (`_fastest`): both costs grow with Tq.
 TUNE_ROWS = 256
-# The other option must beat the default by this factor to be chosen, so timing noise keeps the default.
+# In `_fastest`, the other option must beat the default by this factor, so timing noise keeps the default.
 TUNE_MARGIN = 0.9
 _choices: dict = {}
 
 
+def _rule(q: torch.Tensor, k: torch.Tensor) -> str:
+    """The kernel for a shape, by what tools/bench_attention.py measured (README, "Memory and speed"): PyTorch's
+    flash kernel won every bfloat16 shape and float32 self-attention; the sliced matmuls won float32
+    cross-attention over a text context by about 20%. A rule and not a timing taken at run time: a timed
+    choice can fall either way between two runs on one machine, and then the same seed gives other bytes."""
+    return "matmul" if q.dtype == torch.float32 and k.shape[2] <= CROSS_KEYS else DEFAULT
+
+
 def attention_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """The name in KERNELS that computes attention on these (B, H, T, d) tensors: decided once per
-    shape and dtype on the CPU in float32 and bfloat16 by timing each option on TUNE_ROWS queries,
-    and remembered (`_choices`); the default elsewhere, under the compiler and where gradients flow."""
+    """The name in KERNELS that computes attention on these (B, H, T, d) tensors: on the CPU in float32
+    and bfloat16 by `_rule`, remembered per shape (`_choices`); the default elsewhere, under the compiler and
+    where gradients flow."""
     b, h, tq, d = q.shape
     if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype
             or b * h * tq * k.shape[2] * d < TUNE_MIN_WORK or _compiling()
@@ -128,11 +138,12 @@ def attention_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     if name is None:
         if len(_choices) > 256:  # shapes of many image sizes: a bounded cache, remade as needed
             _choices.clear()
-        name = _choices[key] = _fastest(q[:, :, :TUNE_ROWS], k, v)
+        name = _choices[key] = _rule(q, k)
     return name
 
 
 def _fastest(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel that runs these tensors fastest here (tools/bench_attention.py: what `_rule` was read from)."""
     with torch.no_grad():
         best = {}
         for name, kernel in KERNELS.items():
