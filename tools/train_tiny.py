@@ -83,7 +83,7 @@ class Recipe:
     kl_weight: float = 1e-6
     pool: int = 12000            # pictures encoded once for stage 3
     latent_scale: float = 1 / 3  # scale_factor = latent_scale / std of the latents (the paper: 1 / std); see encode_pool
-    unet_steps: int = 4000
+    unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 1e-3         # 2e-3 with the v target: the loss jumped from 0.08 to 0.43 at step 500 and stayed (a dead network)
     warmup: int = 200
