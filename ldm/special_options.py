@@ -20,8 +20,9 @@ from weights import CheckpointError, detect_family, read_header
 
 from .errors import UsageError
 from .loading import LatentDiffusion
-from .options import (SEED_MODES, InitImage, RunPlan, _Parser, _read_prompts, add_prompt_flags, check_files,
-                      check_prompt_syntax, check_run_flags, check_sampler, check_steps)
+from .options import (SEED_MODES, InitImage, RunPlan, _Parser, add_prompt_flags, check_files, check_run_flags,
+                      check_sampler, check_steps)
+from .prompt_file import check_prompt_syntax, read_prompts
 from .pipeline import PIPELINE_OF
 from .special_inputs import InputFile, load_depth_map, load_mask, mask_from_alpha, sha256
 
@@ -170,7 +171,7 @@ def validate(command: str, args) -> SpecialPlan:
     if command == "inpaint" and bool(args.mask) == bool(args.mask_from_alpha):
         raise UsageError("inpaint needs a mask: pass --mask FILE (white = repaint) or --mask-from-alpha"
                          if not args.mask else "--mask and --mask-from-alpha: pass one of them")
-    data, lines = _read_prompts(args)
+    data, lines = read_prompts(args)
     check_prompt_syntax(args, data, lines)
     if any(line is not None and line.seed is not None and not 0 <= line.seed < 2 ** 32 for line in lines):
         raise UsageError("--from-file: a line's --seed must be in 0..4294967295 (numpy's seeds, as the scripts')")

@@ -24,7 +24,7 @@ from .generate import _first, _label, _progress
 from .images import save_png, to_uint8
 from .inpainting import inpaint_steps
 from .loading import LatentDiffusion
-from .options import PromptLine
+from .prompt_file import PromptLine
 from .outputs import SampleWriter
 from .runtime import load_for_run
 from .special_options import SpecialPlan, build_parser, checker, validate
