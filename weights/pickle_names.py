@@ -11,9 +11,6 @@ from weights.numpy_values import numpy_globals
 
 # Training-only objects a Lightning checkpoint carries next to the weights (ModelCheckpoint
 # callback state, hyper-parameter namespaces). Inference never reads them, so each becomes a stub.
-
-# Training-only objects a Lightning checkpoint carries next to the weights (ModelCheckpoint
-# callback state, hyper-parameter namespaces). Inference never reads them, so each becomes a stub.
 INERT_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.")
 INERT_NAMES = frozenset({"argparse.Namespace"})
 
