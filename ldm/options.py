@@ -111,7 +111,9 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
            "own generator seeded seed + i, so it does not depend on the batch")
     a("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)"
                                           + ("; supported for img2img here" if img else ""))
-    a("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0: deterministic sampling)")
+    a("--ddim_eta", type=float, default=None,
+      help="eta: the share of fresh noise per step (default: the sampler's own, 0.0 for DDIM as the original "
+           "scripts, 1.0 for the ancestral k-samplers as k-diffusion and A1111)")
     a("--n_iter", type=int, default=1 if img else 2, help="sample this often")
     # img2img takes its size from the init image; the flags are kept only to say so
     size = "(default 512; the built-in model's own size with it)"
@@ -205,6 +207,8 @@ def validate(command: str, args) -> RunPlan:
     sampler = spec.name
     if args.ddim_eta and not spec.takes("eta"):
         raise UsageError(f"--ddim_eta {args.ddim_eta}: the {sampler} sampler takes no eta; leave it at 0")
+    if args.ddim_eta is None:  # "Euler a" with eta 0 would be plain Euler
+        args.ddim_eta = float(spec.default("eta")) if spec.takes("eta") else 0.0
     if args.prompt is None and not args.from_file:
         raise UsageError("--prompt needs a text (or use --from-file)")
     for flag in ("n_samples", "n_iter", "repeat", "C", "f"):

@@ -198,7 +198,10 @@ class _Switching:
         return self.current(x, t)
 
 
-def _options(spec: SamplerSpec, eta: float) -> dict:
+def _options(spec: SamplerSpec, eta: Optional[float]) -> dict:
+    """The sampler's keyword options; eta None keeps the sampler's own (0 for DDIM, 1 for the ancestral ones)."""
+    if eta is None:
+        return {}
     if spec.takes("eta"):
         return {"eta": eta}
     if eta:
@@ -209,7 +212,7 @@ def _options(spec: SamplerSpec, eta: float) -> dict:
 @torch.no_grad()
 def txt2img_steps(model: LatentDiffusion, prompt: Prompts, *, negative_prompt: Prompts = "", n_samples: int = 1,
                   height: int = 512, width: int = 512, steps: int = 50, sampler: str = "plms",
-                  schedule: Optional[str] = None, scale: float = 7.5, eta: float = 0.0,
+                  schedule: Optional[str] = None, scale: float = 7.5, eta: Optional[float] = None,
                   generator: Generators = None, x_T: Optional[torch.Tensor] = None,
                   prompt_syntax: str = "original") -> Iterator[Step]:
     """The sampler's steps for one batch of `n_samples` images; the last `x_next` is the latent.
@@ -254,7 +257,7 @@ def strength_to_steps(strength: float, steps: int) -> int:
 @torch.no_grad()
 def img2img_steps(model: LatentDiffusion, init_latent: torch.Tensor, prompt: Prompts, *, strength: float = 0.8,
                   negative_prompt: Prompts = "", steps: int = 50, sampler: str = "ddim",
-                  schedule: Optional[str] = None, scale: float = 7.5, eta: float = 0.0,
+                  schedule: Optional[str] = None, scale: float = 7.5, eta: Optional[float] = None,
                   generator: Generators = None, prompt_syntax: str = "original") -> Iterator[Step]:
     """Noise `init_latent` (scaled, from `encode_image`) to `t_enc = int(strength * steps)` and denoise
     from there, as the original img2img: the last `t_enc` steps of the `steps`-step schedule.

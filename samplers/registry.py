@@ -51,6 +51,10 @@ class SamplerSpec:
         """Whether the sampler function has this keyword option (e.g. "eta", "s_churn", "order")."""
         return option in inspect.signature(self.fn).parameters
 
+    def default(self, option: str):
+        """The sampler function's own default for a keyword option (eta: 0 for DDIM, 1 for the ancestral ones)."""
+        return inspect.signature(self.fn).parameters[option].default
+
 
 REGISTRY: dict[str, SamplerSpec] = {}
 ALIASES: dict[str, str] = {}

@@ -64,6 +64,26 @@ def test_schedule_flag_and_bad_sampler_choices(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
 
 
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm2_a", "dpmpp_2s_a"])
+def test_ancestral_samplers_draw_fresh_noise_by_default(tmp_path, model, sampler):
+    """Without --ddim_eta an ancestral sampler keeps its own eta 1 (k-diffusion's and A1111's "Euler a"): with
+    the original scripts' DDIM default of 0 it would be its deterministic twin, draw for draw."""
+    twin = {"euler_a": "euler", "dpm2_a": "dpm2", "dpmpp_2s_a": "dpmpp_2s_a"}[sampler]
+    kw = dict(height=32, width=32, steps=4, seed=3)
+    ancestral, eta0 = (txt2img(model, PROMPT, sampler=sampler, eta=eta, **kw)[0] for eta in (None, 0.0))
+    assert not torch.allclose(ancestral, eta0, atol=1e-3)
+    assert torch.equal(ancestral, txt2img(model, PROMPT, sampler=sampler, eta=1.0, **kw)[0])
+    if twin != sampler:
+        assert torch.allclose(eta0, txt2img(model, PROMPT, sampler=twin, **kw)[0], atol=1e-5)
+    assert _cli(tmp_path, "--sampler", sampler) == 0
+    assert read_settings(next((tmp_path / "samples").glob("*.png")))["eta"] == 1.0
+
+
+def test_ddim_stays_deterministic_by_default(tmp_path):
+    assert _cli(tmp_path, "--sampler", "ddim") == 0
+    assert read_settings(next((tmp_path / "samples").glob("*.png")))["eta"] == 0.0
+
+
 def half_euler_steps(denoise, x, sigmas, *, generator=None):
     """A sampler written outside the package: two half Euler steps on one slope (for the test)."""
     sig = sigmas.tolist()
