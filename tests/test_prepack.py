@@ -200,3 +200,57 @@ def test_load_on_cpu_prepacks_and_pipeline_output_is_unchanged():
     plain = txt2img(model, "a bird", steps=4, seed=1, height=64, width=64)[0]
     assert torch.equal(images[0], images[1])
     assert (images[0] - plain).abs().max().item() <= 1e-4
+
+
+def _geglu(dim_in=96, dim_out=160, seed=0):
+    from models.unet import GEGLU
+    torch.manual_seed(seed)
+    return GEGLU(dim_in, dim_out).eval().requires_grad_(False)
+
+
+def _plain_geglu(x, proj):
+    value, gate = F.linear(x.float(), proj.weight.float(), proj.bias.float()).chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_geglu_computes_value_times_gelu_of_the_gate(dtype):
+    """The two fused oneDNN matmuls compute GEGLU's value * gelu(gate) (the erf GELU, the first half of the
+    projection the value): within float32 summation order in float32, within bf16 rounding of the output in
+    bf16. The plain chunked path is the reference."""
+    from models.prepack import fused_geglu
+    if not can_prepack(dtype):
+        pytest.skip(f"this CPU's oneDNN has no {dtype} kernels (needs AVX-512 BF16 or AMX)")
+    geglu = _geglu().to(dtype)
+    x = torch.randn(2, 37, 96).to(dtype)
+    assert fused_geglu(x, geglu.proj) is None  # a plain nn.Linear: onednn_linears not applied
+    onednn_linears(geglu)
+    with torch.no_grad():
+        fused = fused_geglu(x, geglu.proj)
+        assert fused is not None and fused.dtype == dtype and fused.shape == (2, 37, 160)
+        assert torch.equal(geglu(x), fused)  # the module takes the fused path
+        expected = _plain_geglu(x, geglu.proj)
+    err = (fused.float() - expected).abs().max().item()
+    assert err <= (1e-5 if dtype == torch.float32 else 2 ** -7) * expected.abs().max().item()
+    # bf16: closer to the float32 math than the plain bf16 path (the GELU is not rounded before the product)
+    if dtype == torch.bfloat16:
+        plain_linears(geglu)
+        with torch.no_grad():
+            plain = geglu(x).float()
+        assert (fused.float() - expected).pow(2).mean() <= (plain - expected).pow(2).mean()
+
+
+def test_fused_geglu_steps_aside_for_gradients_and_when_switched_off():
+    from models.prepack import fused_geglu
+    geglu = _geglu()
+    onednn_linears(geglu)
+    x = torch.randn(3, 96)
+    geglu.requires_grad_(True)
+    assert fused_geglu(x, geglu.proj) is None  # a weight being tuned: autograd's path
+    out = geglu(x)
+    out.sum().backward()
+    assert geglu.proj.weight.grad is not None
+    geglu.requires_grad_(False)
+    assert fused_geglu(x, geglu.proj) is not None
+    plain_linears(geglu)
+    assert fused_geglu(x, geglu.proj) is None
