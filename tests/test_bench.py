@@ -104,6 +104,27 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path, capsys):
         # the same weights and inputs through both libraries: the same result, so the times compare like for like
         assert r["max_abs_diff"] <= 1e-4, r
         assert r["output_max_abs"] > 0
+    # the achieved rates: the row's FLOPs over each side's median, and ldm's share of the machine's matmul rate
+    rate = machine["matmul_tflops"]["float32"]
+    assert rate > 0 and "TFLOP/s ldm" in printed
+    for r in doc["rows"]:
+        if r["row"] in ("unet256", "vae", "sd2"):
+            assert r["flops"] > 0, r["row"]
+            for side in ("ldm", "diffusers"):
+                assert r["tflops"][side] == pytest.approx(r["flops"] / r[side] / 1e12)
+            assert r["fraction_of_matmul"] == pytest.approx(r["tflops"]["ldm"] / rate)
+
+
+def test_flop_count_of_matmuls_and_cpu_attention():
+    """What the rates are computed from: 2 m k n for a matmul, and the CPU's fused attention counted as its
+    two matmuls (4 B H Tq Tk d), as FlopCounterMode counts the math it replaces."""
+    a, b = torch.randn(32, 48), torch.randn(48, 20)
+    assert bench.count_flops(lambda: a @ b)[1] == 2 * 32 * 48 * 20
+    q, k, v = torch.randn(2, 3, 64, 16), torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
+    out, flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert out.shape == q.shape and flops == 4 * 2 * 3 * 64 * 40 * 16
+    assert bench.count_flops(lambda: (q @ k.transpose(-1, -2)).softmax(-1) @ v)[1] == flops
+    assert bench.matmul_tflops(torch.float32, torch.device("cpu"), 64) > 0
 
 
 @pytest.mark.parametrize("side", ["ldm", "diffusers"])
