@@ -83,8 +83,8 @@ def test_the_graph_is_read_as_python_resolves_it(graph):
     assert "ldm.device" in graph["ldm.loading"]             # from .device import ...
     assert "ldm.pipeline" in graph["ldm.generate"]          # from . import pipeline
     assert "weights" in graph["ldm.loading"]                # from weights import ... (the package)
-    assert "tools.make_checkpoint" in graph["tools.bench"]  # a bare-name import inside a function
-    assert "models.unet" in graph["tools.bench"]
+    assert "tools.make_checkpoint" in graph["tools.bench_networks"]  # a bare-name import inside a function
+    assert "models.unet" in graph["tools.bench_networks"]
 
 
 def test_find_cycle_reports_the_loop():
