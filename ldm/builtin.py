@@ -19,6 +19,10 @@ NAME = "builtin"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"  # the original scripts' default --ckpt
 FOLDER = Path(weights.__file__).resolve().parent / "builtin"
 CHECKPOINT = FOLDER / "tiny.safetensors"
+# The guidance scale a command uses with the built-in model when --scale is not given (the model is evaluated
+# at it: tools/shapes.py). SD's 7.5 pushes its colours past the named one along the autoencoder's latent colour
+# line (orange drawn yellow): on 150 captions (DDIM, 20 steps) colour right in 97% at 4 against 85% at 7.5.
+SCALE = 4.0
 GRAMMAR = ('"a {colour} {shape} {place}" or "... on a {background} background": colours red, green, blue, '
            "yellow, white, purple, orange; shapes circle, square, triangle; places at the top left, at the top "
            "right, at the bottom left, at the bottom right, in the center; backgrounds black, gray, white")

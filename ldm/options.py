@@ -18,7 +18,8 @@ from samplers.registry import SamplerSpec, available, resolve_sampler
 from samplers.schedule import ddim_timesteps
 from samplers.sigmas import SCHEDULES
 
-from .builtin import CHECKPOINT as BUILTIN, DEFAULT_CKPT, is_builtin, native_size, resolve_checkpoint
+from .builtin import CHECKPOINT as BUILTIN, DEFAULT_CKPT, SCALE as BUILTIN_SCALE, is_builtin, native_size
+from .builtin import resolve_checkpoint
 from .device import Placement, resolve
 from .errors import UsageError
 from .images import load_image
@@ -125,8 +126,9 @@ def build_parser(command: str, prog: Optional[str] = None) -> argparse.ArgumentP
       help="how many samples to produce for each given prompt, a.k.a. batch size")
     a("--n_rows", type=int, default=0,
       help="images per grid row (torchvision's nrow; default: n_samples)")
-    a("--scale", type=float, default=5.0 if img else 7.5,
-      help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))")
+    a("--scale", type=float, default=None,
+      help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond)) "
+           f"(default {5.0 if img else 7.5} as the original script; {BUILTIN_SCALE} with the built-in model)")
     a("--from-file", "--from_file", dest="from_file",
       help="read prompts from this file, one per line, batched by n_samples; a line in A1111's \"prompts from "
            "file\" form (--prompt \"...\" --negative_prompt \"...\" --seed N) is a batch of its own")
@@ -203,6 +205,7 @@ def validate(command: str, args) -> RunPlan:
         value = getattr(args, flag, None)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{flag} {value}: must be a finite number")
+    default_scale(args, img)
     spec = check_sampler(args)
     sampler = spec.name
     if args.ddim_eta and not spec.takes("eta"):
@@ -257,6 +260,13 @@ def default_size(args) -> None:
     ckpt, _ = resolve_checkpoint(args.ckpt)
     side = native_size() if is_builtin(ckpt) and ckpt.is_file() else 512
     args.H, args.W = (side if v is None else v for v in (args.H, args.W))
+
+
+def default_scale(args, img: bool) -> None:
+    """--scale left out: the built-in model's own when it is the checkpoint, else the original script's."""
+    if args.scale is None:
+        ckpt, _ = resolve_checkpoint(args.ckpt)
+        args.scale = BUILTIN_SCALE if is_builtin(ckpt) and ckpt.is_file() else (5.0 if img else 7.5)
 
 
 # The checks every command shares (the special ones of ldm/special_options.py too), in validate's order.

@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 
+from ldm.builtin import SCALE as BUILTIN_SCALE
+
 COLOURS = {"red": (230, 25, 25), "green": (20, 180, 40), "blue": (30, 60, 235), "yellow": (245, 225, 20),
            "white": (255, 255, 255), "purple": (150, 30, 200), "orange": (255, 130, 0)}
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128), "white": (255, 255, 255)}
@@ -220,7 +222,8 @@ def evaluation_captions(rng: np.random.Generator, n_seen: int, per_held_out: int
 
 
 # ---------------------------------------------------------------- evaluating a model
-SAMPLING = {"sampler": "ddim", "steps": 20, "scale": 4.0}  # what the tests and the trainer's report use
+# what the tests and the trainer's report use; the scale is the one commands give the built-in model
+SAMPLING = {"sampler": "ddim", "steps": 20, "scale": BUILTIN_SCALE}
 
 
 def sample(model, captions: list[str], seed: int = 0, **sampling) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..builtin import is_builtin, native_size
+from ..builtin import SCALE as BUILTIN_SCALE, is_builtin, native_size
 from ..errors import USER_ERRORS, one_line
 from ..images import read_parameters
 from ..special_options import DEFAULTS
@@ -40,6 +40,11 @@ class Page:
     def size(self) -> int:
         first = next(iter(self.checkpoints))
         return native_size() if is_builtin(first) else 512
+
+    def scale(self, command: str, default: float) -> float:
+        """The CFG slider's start: the built-in model's own guidance on its txt2img and img2img tabs."""
+        builtin = is_builtin(next(iter(self.checkpoints)))
+        return BUILTIN_SCALE if builtin and command in ("txt2img", "img2img") else default
 
     def run(self, command: str, ckpt: str, every: int, progress, **form):
         """The generator behind every Generate: (preview, gallery, info) as the run goes."""
@@ -91,7 +96,8 @@ def _sampling(command: str, page: Page):
     with gr.Row():
         sampler = gr.Dropdown(SAMPLERS, value="DDIM", label="Sampler", allow_custom_value=True, elem_id=id_("sampler"))
         steps = gr.Number(d["steps"], precision=0, label="Steps", elem_id=id_("steps"))
-        scale = gr.Slider(0, 30, value=d.get("scale", 7.5), step=0.5, label="CFG scale", elem_id=id_("scale"))
+        scale = gr.Slider(0, 30, value=page.scale(command, d.get("scale", 7.5)), step=0.5, label="CFG scale",
+                          elem_id=id_("scale"))
     with gr.Row():
         seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id=id_("seed"))
         n_samples = gr.Number(1, precision=0, label="Batch size (n_samples)", elem_id=id_("n_samples"))
