@@ -22,9 +22,10 @@ The packed op has no backward and the compiler cannot trace it: where an input o
 gradient, under torch.compile, or off the CPU, nn.Conv2d's own forward runs. Same numbers as F.conv2d
 up to float32 summation order.
 
-Float32 linear layers go to oneDNN's matmul instead of F.linear's MKL one, which is slower on the UNet's
-64x64-level projections; bfloat16 F.linear already uses oneDNN. The weights stay plain there (the op
-takes them as they are), so nothing is cached.
+Linear layers go to oneDNN's matmul op instead of F.linear: in float32 F.linear takes MKL's, which is slower
+on the UNet's 64x64-level projections; in bfloat16 F.linear reaches oneDNN too, but through addmm's path,
+which ran the UNet's projections 1.1-1.7x slower on an AMX Xeon than the op called directly. The weights stay
+plain there (the op takes them as they are), so nothing is cached.
 
 Both switch a module's class (`conv.__class__ = PackedConv2d`) rather than its instance's `forward`: the
 layer says what it is in `repr`, deepcopy and pickle work, and undoing it is switching the class back.
@@ -168,12 +169,12 @@ def unpack_convolutions(module: nn.Module) -> int:
 
 
 class OneDNNLinear(nn.Linear):
-    """nn.Linear whose float32 CPU inference calls run on oneDNN's matmul, on the plain weight. Made by
-    `onednn_linears`; everything else is nn.Linear's."""
+    """nn.Linear whose float32 and bfloat16 CPU inference calls run on oneDNN's matmul, on the plain weight
+    (bfloat16 where oneDNN has its kernels). Made by `onednn_linears`; everything else is nn.Linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
-        if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and not _wants_grad(x, self)
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and can_prepack(x.dtype) and not _wants_grad(x, self)
                 and (bias is None or bias.is_contiguous())  # the op reads the bias as if it were
                 and not _compiling()):  # the compiler picks its own kernels
             try:
@@ -184,7 +185,7 @@ class OneDNNLinear(nn.Linear):
 
 
 def onednn_linears(module: nn.Module) -> int:
-    """Make every nn.Linear in `module` a OneDNNLinear: float32 CPU inputs go to oneDNN's matmul (other
+    """Make every nn.Linear in `module` a OneDNNLinear: float32 and bfloat16 CPU inputs go to oneDNN's matmul (other
     devices and dtypes, and calls that need a gradient, to F.linear as before). Returns how many."""
     linears = [m for m in module.modules() if type(m) is nn.Linear]
     for linear in linears:

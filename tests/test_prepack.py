@@ -110,8 +110,14 @@ def test_onednn_linear_equals_f_linear_and_keeps_gradients(monkeypatch, bias):
     linear(x).square().sum().backward()  # F.linear: oneDNN's op has no backward
     assert len(calls) == 1 and torch.allclose(x.grad, torch.autograd.grad(F.linear(x, w, b).square().sum(), x)[0])
     with torch.no_grad():
-        half = linear.to(torch.bfloat16)(x.detach().bfloat16())
-    assert len(calls) == 1 and half.dtype == torch.bfloat16  # only float32 is routed
+        half = linear.to(torch.float16)(x.detach().half())
+    assert len(calls) == 1 and half.dtype == torch.float16  # oneDNN packs no float16 on the CPU: F.linear
+    if can_prepack(torch.bfloat16):
+        with torch.no_grad():
+            brain = linear.to(torch.bfloat16)(x.detach().bfloat16())
+        expected = F.linear(x.detach().bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()).float()
+        assert len(calls) == 2 and brain.dtype == torch.bfloat16
+        assert (brain.float() - expected).abs().max().item() <= 2 ** -7 * expected.abs().max().item()
 
 
 def test_tuned_weights_and_strided_biases_take_f_linear(packed_calls):
