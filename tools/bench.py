@@ -98,8 +98,8 @@ import torch  # noqa: E402
 # are re-exported for tests/test_bench.py, which reaches them as bench.X.
 from bench_load import load_child, load_rows, prepare_load_dir  # noqa: E402,F401
 from bench_networks import (DTYPES, PROMPT, Spec, diffusers_networks, dtype_name, ldm_networks,  # noqa: E402,F401
-                            max_abs_diff, original_config, place_ldm, random_checkpoint, size, spec, sync,
-                            write_clip_tokenizer)
+                            max_abs_diff, original_config, place_both, place_ldm, random_checkpoint, size, spec,
+                            sync, write_clip_tokenizer)
 from bench_upscale import upscale_rows  # noqa: E402
 
 ROWS = ("unet256", "unet512", "vae", "text", "txt2img", "load", "sd2", "upscale")
@@ -302,11 +302,7 @@ def sd1_rows(bench: Bench, args, shared: Path, dtypes: list, tmp: Path) -> None:
     del state
     gc.collect()
     for dtype in dtypes:
-        for m in refs.values():
-            m.to(bench.device, dtype)
-        for m in nets.values():
-            place_ldm(m, bench.device, dtype, args)
-        gc.collect()
+        place_both(nets, refs, bench.device, dtype, args)
         if "unet256" in args.rows:
             unet_row(bench, "unet256", s, nets, refs, size(args, 256), dtype)
         if "unet512" in args.rows:

@@ -7,6 +7,7 @@ this module imports none of them, so the imports stay one-way.
 """
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -131,13 +132,22 @@ def ldm_networks(s: Spec, state: dict) -> dict:
 
 def place_ldm(module, device: torch.device, dtype: torch.dtype, args) -> None:
     """Move an ldm network as ldm.load leaves it: on a CPU, convolutions reorder their weights once per
-    input shape and float32 linear layers run on oneDNN (models/prepack.py), unless --no-prepack. The
+    input shape and float32 and bfloat16 linear layers run on oneDNN (models/prepack.py), unless --no-prepack. The
     switched layers keep plain weights, so .to() needs nothing undone."""
     from models.prepack import can_prepack, onednn_linears, prepack_convolutions
 
     module.to(device, dtype)
     if device.type == "cpu" and can_prepack(dtype) and not args.no_prepack:
         prepack_convolutions(module), onednn_linears(module)
+
+
+def place_both(nets: dict, refs: dict, device: torch.device, dtype: torch.dtype, args) -> None:
+    """Both libraries' networks in `dtype` on `device`, ldm's as ldm.load leaves them, before a dtype's rows."""
+    for m in refs.values():
+        m.to(device, dtype)
+    for m in nets.values():
+        place_ldm(m, device, dtype, args)
+    gc.collect()
 
 
 def hf_clip_config(text_cfg):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench_networks import (PROMPT, Spec, diffusers_networks, dtype_name, ldm_networks, max_abs_diff, place_ldm,
+from bench_networks import (PROMPT, Spec, diffusers_networks, dtype_name, ldm_networks, max_abs_diff, place_both,
                             random_checkpoint, size, spec, write_clip_tokenizer)
 
 
@@ -99,11 +99,7 @@ def upscale_rows(bench, args, shared: Path, dtypes: list, tmp: Path) -> None:
     del state
     gc.collect()
     for dtype in dtypes:
-        for m in refs.values():
-            m.to(bench.device, dtype)
-        for m in nets.values():
-            place_ldm(m, bench.device, dtype, args)
-        gc.collect()
+        place_both(nets, refs, bench.device, dtype, args)
         upscale_row(bench, s, nets, refs, low_scale, size(args, args.upscale_size), dtype, tmp)
     del nets, refs
     gc.collect()
