@@ -42,8 +42,8 @@ def is_builtin(path: Union[str, Path, None]) -> bool:
 
 def resolve_checkpoint(ckpt: Union[str, Path, None]) -> tuple[Path, Optional[str]]:
     """(the checkpoint file, a one-line note or None): `None` is the original default path when it exists
-    (or the built-in model does not), else the built-in model (with a note that says so); "builtin" is the built-in model; anything else is
-    that path."""
+    (or the built-in model does not), else the built-in model (with a note that says so); "builtin" is the
+    built-in model; anything else is that path."""
     if ckpt is None:
         if Path(DEFAULT_CKPT).is_file() or not CHECKPOINT.is_file():  # (a checkout without the shipped files)
             return Path(DEFAULT_CKPT), None

@@ -174,7 +174,8 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
-        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and can_prepack(x.dtype) and not _wants_grad(x, self)
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and can_prepack(x.dtype)
+                and not _wants_grad(x, self)
                 and (bias is None or bias.is_contiguous())  # the op reads the bias as if it were
                 and not _compiling()):  # the compiler picks its own kernels
             try:
