@@ -17,6 +17,7 @@ import ldm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import train_tiny  # noqa: E402
+from shapes import COLOURS  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FEW = ["--vae-steps", "4", "--unet-steps", "4", "--pool", "32", "--vae-batch", "4", "--unet-batch", "4",
@@ -39,6 +40,8 @@ def test_it_writes_a_checkpoint_ldm_loads_with_its_yaml_and_story(tmp_path):
     recipe = json.loads(meta["recipe"])
     assert recipe["unet_steps"] == 4 and recipe["vae_steps"] == 4
     assert set(json.loads(meta["wall_seconds"])) == {"vae", "latents", "unet"}
+    gap, pair = json.loads(meta["closest_colours"])  # the autoencoder's closest colours, reported for the seed
+    assert gap > 0 and all(c in COLOURS for c in pair.split("-"))
     assert (tmp_path / "work" / "loss.png").is_file()
     # the official file's non-network tensors: the DDPM schedule in float32, position ids
     state = load_file(str(path))

@@ -1,8 +1,8 @@
 """Train the built-in model from scratch: a latent diffusion model in the official SD 1.x format, at tiny
 sizes, on the captioned shape pictures of tools/shapes.py.
 
-    python tools/train_tiny.py --seed 0                # about 25 minutes on 2 CPU cores
-    python tools/train_tiny.py --seed 0 --resume       # go on from the last checkpoint in --workdir
+    python tools/train_tiny.py --seed 2 --threads 1    # the shipped file: 16-25 minutes on 2 CPU cores
+    python tools/train_tiny.py --seed 2 --resume       # go on from the last checkpoint in --workdir
 
 The stages are those of Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"):
 1. the perceptual compression stage (their sec. 3.1): the KL-regularised autoencoder `AutoencoderKL`
@@ -36,7 +36,6 @@ with tools/shapes.py's pixel rule.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -52,7 +51,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models.clip_text import CLIPTextConfig, CLIPTextModel  # noqa: E402
@@ -61,9 +59,9 @@ from models.tokenizer import Tokenizer  # noqa: E402
 from models.unet import UNetModel  # noqa: E402
 from models.vae import AutoencoderKL  # noqa: E402
 from shapes import draw_batch, random_scenes  # noqa: E402
+from tiny_files import plot_losses, write_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "weights" / "builtin" / "tiny"
-CLIP_FOLDER = "tiny-clip-text"  # the YAML's `version:`, a folder beside it holding the tower's config.json
 
 
 @dataclass(frozen=True)
@@ -252,6 +250,25 @@ def check_reconstructions(r: Recipe, seed: int, vae: AutoencoderKL, n: int = 300
             for k in ("colour", "shape", "place", "background")}
 
 
+@torch.no_grad()
+def closest_colours(r: Recipe, vae: AutoencoderKL, latent_std: float) -> tuple[float, str]:
+    """(distance, "colour-colour"): the two colours whose flat pictures the encoder puts closest, in stds of the
+    latents (the mean over the inner latent pixels of the per-pixel distance). Classifier-free guidance pushes a
+    picture past its colour along these gaps: seed 0's autoencoder put orange and yellow about 0.2 apart and its
+    model drew orange as yellow; seed 2's closest pair is about 0.44 apart and its colours are right in 97%."""
+    from itertools import combinations
+    from shapes import COLOURS
+
+    flat = torch.tensor(list(COLOURS.values()), dtype=torch.float32)[:, :, None, None] / 127.5 - 1
+    z = vae.encode(flat.expand(-1, -1, r.size, r.size).contiguous()).mode()
+    side = z.shape[-1]
+    inner = z[:, :, side // 4:side - side // 4, side // 4:side - side // 4]  # the middle, away from the padding
+    gaps = {f"{a}-{b}": float((inner[i] - inner[j]).norm(dim=0).mean() / latent_std)
+            for (i, a), (j, b) in combinations(enumerate(COLOURS), 2)}
+    pair = min(gaps, key=gaps.get)
+    return round(gaps[pair], 3), pair
+
+
 # ---------------------------------------------------------------- stage 2: the latents and their scale
 @torch.no_grad()
 def encode_pool(r: Recipe, seed: int, vae: AutoencoderKL) -> tuple[torch.Tensor, torch.Tensor, list[str], float]:
@@ -341,138 +358,6 @@ def train_unet(r: Recipe, seed: int, state: dict, ckpt: Checkpoints, save_every:
     unet.load_state_dict(ema_unet.shadow)
     text.load_state_dict(ema_text.shadow)
     return unet.eval().requires_grad_(False), text.eval().requires_grad_(False), scale
-
-
-# ---------------------------------------------------------------- the files
-def yaml_text(r: Recipe, scale: float) -> str:
-    """The config in the schema of the original configs/stable-diffusion/v1-inference.yaml."""
-    u, v = r.unet, r.vae
-    ints = lambda xs: "[ " + ", ".join(str(x) for x in xs) + " ]"  # noqa: E731
-    return f"""# The built-in model (tools/train_tiny.py): the schema and classes of CompVis' v1-inference.yaml at tiny sizes.
-model:
-  base_learning_rate: {r.unet_lr:.1e}
-  target: ldm.models.diffusion.ddpm.LatentDiffusion
-  params:
-    linear_start: {r.linear_start}
-    linear_end: {r.linear_end}
-    num_timesteps_cond: 1
-    log_every_t: 200
-    timesteps: {r.timesteps}
-    first_stage_key: "jpg"
-    cond_stage_key: "txt"
-    image_size: {r.size // v.downsampling_factor}
-    channels: {v.embed_dim}
-    cond_stage_trainable: true
-    conditioning_key: crossattn
-    monitor: val/loss_simple_ema
-    scale_factor: {scale:.5f}
-    use_ema: False
-    parameterization: "{r.prediction}"
-
-    unet_config:
-      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
-      params:
-        image_size: {r.size // v.downsampling_factor} # unused
-        in_channels: {u.in_channels}
-        out_channels: {u.out_channels}
-        model_channels: {u.model_channels}
-        attention_resolutions: {ints(u.attention_resolutions)}
-        num_res_blocks: {u.num_res_blocks}
-        channel_mult: {ints(u.channel_mult)}
-        num_heads: {u.num_heads}
-        use_spatial_transformer: True
-        transformer_depth: {u.transformer_depth}
-        context_dim: {u.context_dim}
-        use_checkpoint: False
-        legacy: False
-
-    first_stage_config:
-      target: ldm.models.autoencoder.AutoencoderKL
-      params:
-        embed_dim: {v.embed_dim}
-        monitor: val/rec_loss
-        ddconfig:
-          double_z: true
-          z_channels: {v.z_channels}
-          resolution: {v.resolution}
-          in_channels: {v.in_channels}
-          out_ch: {v.out_ch}
-          ch: {v.ch}
-          ch_mult: {ints(v.ch_mult)}
-          num_res_blocks: {v.num_res_blocks}
-          attn_resolutions: {ints(v.attn_resolutions)}
-          dropout: 0.0
-        lossconfig:
-          target: torch.nn.Identity
-
-    cond_stage_config:
-      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
-      params:
-        version: {CLIP_FOLDER}  # ./{CLIP_FOLDER}/config.json describes the tower
-"""
-
-
-def clip_config_json(t: CLIPTextConfig) -> dict:
-    """The tower as transformers' CLIPTextConfig describes it (what CLIPTextModel.from_pretrained reads)."""
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
-            "hidden_size": t.width, "intermediate_size": t.intermediate_size, "num_hidden_layers": t.layers,
-            "num_attention_heads": t.heads, "max_position_embeddings": t.max_positions, "hidden_act": t.act,
-            "layer_norm_eps": 1e-5, "projection_dim": t.width, "bos_token_id": 49406, "eos_token_id": 49407,
-            "pad_token_id": 1}
-
-
-def write_model(out: Path, r: Recipe, unet, vae, text, scale: float, metadata: dict, dtype=torch.float16) -> Path:
-    from safetensors.torch import save_file
-
-    state = {}
-    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
-                           ("cond_stage_model.transformer.", text)):
-        state.update({prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()})
-    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
-        torch.arange(r.text.max_positions)[None]
-    state.update(schedule_buffers(r))  # float32, as in the official files
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".safetensors")
-    save_file(state, str(path), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    out.with_suffix(".yaml").write_text(yaml_text(r, scale))
-    (out.parent / CLIP_FOLDER).mkdir(exist_ok=True)
-    (out.parent / CLIP_FOLDER / "config.json").write_text(json.dumps(clip_config_json(r.text), indent=2) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------- the loss plot (PIL: no matplotlib needed)
-def plot_losses(losses: dict, path: Path) -> None:
-    from PIL import Image, ImageDraw
-
-    panels = [(name, np.asarray(v, dtype=np.float64)) for name, v in losses.items() if len(v)]
-    w, h, pad = 520, 240, 44
-    img = Image.new("RGB", (w * len(panels), h), "white")
-    d = ImageDraw.Draw(img)
-    titles = {"vae": "stage 1: autoencoder, L1 + L2 reconstruction", "unet": "stage 3: UNet + text tower, v (or eps) MSE"}
-    for p, (name, y) in enumerate(panels):
-        x0 = p * w
-        k = max(1, len(y) // 50)
-        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-        lo, hi = np.log10(max(y.min(), 1e-6)), np.log10(y.max())
-        box = (x0 + pad, 24, x0 + w - 12, h - 30)
-        d.rectangle(box, outline="black")
-        d.text((x0 + pad, 6), titles.get(name, name), fill="black")
-
-        def xy(i, v):
-            fx = i / max(1, len(y) - 1)
-            fy = (np.log10(max(v, 1e-6)) - lo) / max(hi - lo, 1e-9)
-            return box[0] + fx * (box[2] - box[0]), box[3] - fy * (box[3] - box[1])
-
-        step = max(1, len(y) // 800)
-        d.line([xy(i, y[i]) for i in range(0, len(y), step)], fill=(190, 200, 230), width=1)
-        d.line([xy(i + k - 1, smooth[i]) for i in range(0, len(smooth), step)], fill=(20, 50, 170), width=2)
-        for v in sorted({10 ** lo, 10 ** ((lo + hi) / 2), 10 ** hi}):
-            _, yy = xy(0, v)
-            d.text((x0 + 2, yy - 6), f"{v:.3g}", fill="black")
-        d.text((box[0], box[3] + 6), "0", fill="black")
-        d.text((box[2] - 50, box[3] + 6), f"{len(y)} steps", fill="black")
-        d.text((box[0] + 60, box[3] + 6), "log scale; light: per step, dark: running mean", fill="gray")
-    img.save(path)
 
 
 # ---------------------------------------------------------------- main
@@ -570,6 +455,9 @@ def main(argv=None) -> int:
     timings["latents"], cpu["latents"] = 0.0, 0.0
     clock("latents", t0)
     print(f"scale_factor = {r.latent_scale:.3g} / std of the latents = {pool[3]:.5f}")
+    gap = closest_colours(r, vae, r.latent_scale / pool[3])
+    print(f"closest colours in the latent space: {gap[1]}, {gap[0]:.2f} latent stds apart (below ~0.3 the guidance "
+          "draws one as the other: try another --seed)")
     t0 = time.time(), time.process_time()
     unet, text, scale = train_unet(r, args.seed, state, ckpt, args.save_every, pool)
     clock("unet", t0)
@@ -577,12 +465,13 @@ def main(argv=None) -> int:
 
     command = "python tools/train_tiny.py " + " ".join(shlex.quote(a) for a in argv)
     metadata = {"ldm_builtin": "trained by tools/train_tiny.py", "seed": str(args.seed), "command": command,
-                "recipe": asdict(r), "autoencoder_reconstruction": recon, "wall_seconds": {k: round(v, 1) for k, v in timings.items()},
+                "recipe": asdict(r), "autoencoder_reconstruction": recon, "closest_colours": gap,
+                "wall_seconds": {k: round(v, 1) for k, v in timings.items()},
                 "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
                 "torch": torch.__version__, "threads": str(args.threads),
                 "load_average": round(float(np.mean(state["load"])), 2),  # 1-minute, sampled at each checkpoint
                 "cpus": str(os.cpu_count())}
-    path = write_model(args.out, r, unet, vae, text, scale, metadata)
+    path = write_model(args.out, r, unet, vae, text, scale, metadata, schedule_buffers(r))
     plot_losses(state["losses"], args.workdir / "loss.png")
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), {args.out.with_suffix('.yaml')}, "
           f"{args.workdir / 'loss.png'}")
