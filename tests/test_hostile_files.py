@@ -154,6 +154,17 @@ def _zip_with_duplicate(path: Path) -> Path:
     return path
 
 
+def _member_marked_as_folder(path: Path, name: str = "byteorder", attrs: int = 0x10) -> Path:
+    """torch's own archive with one small record's directory entry given folder attributes (MS-DOS bit 0x10,
+    or a unix folder mode): miniz then extracts nothing into torch's buffer, and torch reads the uninitialised
+    bytes as the record (found by the fuzzer on `.data/serialization_id`); Python's zipfile reads the data."""
+    data = bytearray(zip_checkpoint(path, dumps({"w": tensor()}), {"0": F4}).read_bytes())
+    entry = data.rindex(b"PK\x01\x02", 0, data.rindex(b"/" + name.encode() + b"PK"))
+    struct.pack_into("<L", data, entry + 38, attrs)  # the entry's external attributes
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _tar_looking_legacy(path: Path) -> Path:
     """A legacy pickle whose first 512 bytes also parse as a tar header (torch.load tries tar first, and a
     GNU long-name header makes tarfile read as many bytes as it says)."""
@@ -202,6 +213,9 @@ HOSTILE = {
         zip_checkpoint(d / "t0.ckpt", dumps({"w": tensor()}), {"0": F4}).read_bytes() + b"\x00" * 100)
         and d / "trail.ckpt", ["truncated"]),
     "zip_duplicate_member": (lambda d: _zip_with_duplicate(d / "dup.ckpt"), ["appears twice"]),
+    "zip_member_marked_as_dos_folder": (lambda d: _member_marked_as_folder(d / "dosdir.ckpt"), ["marked as a folder"]),
+    "zip_member_marked_as_unix_folder": (lambda d: _member_marked_as_folder(d / "unixdir.ckpt", ".format_version",
+                                                                            0o040755 << 16), ["marked as a folder"]),
     "zip_storage_missing": (lambda d: zip_checkpoint(d / "missing.ckpt", dumps({"w": tensor(key="7")}), {"0": F4}),
                             ["storage '7'", "does not hold"]),
     "zip_storage_larger_than_file": (lambda d: zip_checkpoint(d / "large.ckpt",

@@ -31,6 +31,8 @@ _EOCD = struct.Struct("<4s4H2LH")  # signature, disk, cd disk, entries here, ent
 _LOCATOR = struct.Struct("<4sLQL")  # signature, disk of zip64 end record, its offset, disks
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")  # signature, record size, versions, disk, cd disk, entries here, entries, cd size, cd offset
 _LOCAL = struct.Struct("<4s5H3L2H")  # signature, version, flags, method, time, date, crc, sizes, name len, extra len
+_DOS_DIRECTORY = 0x10  # the directory bit of a member's MS-DOS attributes
+_SMALL_RECORD = 1 << 16  # the records torch reads whole (version, byteorder, serialization id...) are bytes long
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ def open_torch_zip(path: str) -> TorchZip:
             if short in members:
                 raise CheckpointError(f"refusing to load: zip member {name[:80]!r} appears twice (a crafted "
                                       "archive?)", path)
+            if info.external_attr & _DOS_DIRECTORY or (info.external_attr >> 16) & 0o170000 == 0o040000:
+                # miniz takes such a member for a folder and extracts nothing into torch's buffer, which torch
+                # then reads as the record (uninitialised memory); Python's zipfile reads the bytes
+                raise CheckpointError(f"refusing to load: zip member {name[:80]!r} is marked as a folder (a "
+                                      "crafted archive?)", path)
             if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
                 raise CheckpointError(f"refusing to load: zip member {name[:80]!r} is compressed or encrypted; "
                                       "torch.save stores members as they are (a zip bomb?)", path)
@@ -156,6 +163,12 @@ def agree_with_torch(z: TorchZip, path: str, storage_keys: list[str]) -> None:
             same = all(reader.get_record_offset(f"data/{k}") == z.members[f"data/{k}"][0] for k in storage_keys)
         if same and sized:
             same = reader.get_record("data.pkl") == z.pickle
+        if same:  # the small records torch reads as they are: the same bytes as the file holds there
+            with open(path, "rb") as f:
+                for name, (at, size) in z.members.items():
+                    if not name.startswith("data/") and name != "data.pkl" and size <= _SMALL_RECORD:
+                        f.seek(at)
+                        same = same and bytes(reader.get_record(name)) == f.read(size)
     except RuntimeError as e:
         raise CheckpointError(f"corrupt zip archive (torch's reader: {str(e).splitlines()[0][:200]}); download "
                               "it again", path) from None
