@@ -255,18 +255,21 @@ def validate(command: str, args) -> RunPlan:
     return RunPlan(spec, data, init, height, width, placement, ckpt, lines)
 
 
+def _runs_builtin(args) -> bool:
+    ckpt, _ = resolve_checkpoint(args.ckpt)
+    return is_builtin(ckpt) and ckpt.is_file()
+
+
 def default_size(args) -> None:
     """--H and --W left out: the built-in model's own size when it is the checkpoint, else 512 (the original's)."""
-    ckpt, _ = resolve_checkpoint(args.ckpt)
-    side = native_size() if is_builtin(ckpt) and ckpt.is_file() else 512
+    side = native_size() if _runs_builtin(args) else 512
     args.H, args.W = (side if v is None else v for v in (args.H, args.W))
 
 
 def default_scale(args, img: bool) -> None:
     """--scale left out: the built-in model's own when it is the checkpoint, else the original script's."""
     if args.scale is None:
-        ckpt, _ = resolve_checkpoint(args.ckpt)
-        args.scale = BUILTIN_SCALE if is_builtin(ckpt) and ckpt.is_file() else (5.0 if img else 7.5)
+        args.scale = BUILTIN_SCALE if _runs_builtin(args) else (5.0 if img else 7.5)
 
 
 # The checks every command shares (the special ones of ldm/special_options.py too), in validate's order.

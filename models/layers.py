@@ -109,8 +109,6 @@ DEFAULT = "flash"
 TUNE_MIN_WORK = 2 ** 24
 # Keys up to this many are a cross-attention over a text context (77 tokens per chunk).
 CROSS_KEYS = 160
-# Rows of the queries tools/bench_attention.py times each option on (`_fastest`): both costs grow with Tq.
-TUNE_ROWS = 256
 # In `_fastest`, the other option must beat the default by this factor, so timing noise keeps the default.
 TUNE_MARGIN = 0.9
 _choices: dict = {}

@@ -221,4 +221,3 @@ def fused_geglu(x: torch.Tensor, proj: nn.Linear) -> Optional[torch.Tensor]:
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w[:n], b[:n], "mul")
     except RuntimeError:  # a oneDNN build without the fused kernels: the plain path
         return None
-

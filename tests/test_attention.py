@@ -145,7 +145,6 @@ def test_the_default_runs_where_no_choice_is_made(monkeypatch, case):
 def test_a_real_choice_on_a_step_sized_shape_is_a_kernel_and_is_kept(monkeypatch):
     """Without fakes: the SD 1.x cross-attention shape (a few rows of it) gets one of the kernels, once."""
     monkeypatch.setattr(layers, "_choices", {})
-    monkeypatch.setattr(layers, "TUNE_ROWS", 64)
     q, k, v = qkv(2, 8, 1024, 77, 40, torch.bfloat16)
     name = attention_choice(q, k, v)
     assert name in layers.KERNELS and list(layers.attention_choices().values()) == [name]
